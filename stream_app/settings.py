@@ -1,0 +1,264 @@
+"""One typed, frozen settings object for the whole worker.
+
+Every field reads from the environment with the prefix ``EMOTION_STREAM_`` and ``__`` between a group
+and its field, e.g. ``EMOTION_STREAM_BATCHING__MAX_WAIT_MS=10``. Settings are loaded and validated once
+at start-up (:func:`load_settings`); components receive plain typed values, never this object's
+environment lookups.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = [
+    "BatchingSettings",
+    "CacheSettings",
+    "DataSettings",
+    "KafkaSettings",
+    "MetricsSettings",
+    "ModelSettings",
+    "Settings",
+    "TopicSettings",
+    "WorkerSettings",
+    "default_cache_dir",
+    "load_settings",
+]
+
+
+def default_cache_dir() -> Path:
+    """Where built artefacts (model folders, Kafka jars, venvs) live: outside the repository."""
+    explicit = os.environ.get("EMOTION_STREAM_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "emotion-stream"
+
+
+def _default_data_dir() -> Path:
+    """The GoEmotions Ekman folder beside the checkout (``../shared/data/goemotions-ekman``)."""
+    return Path(__file__).resolve().parents[2] / "shared" / "data" / "goemotions-ekman"
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(_Group):
+    bootstrap_servers: str = Field(
+        "",
+        description="Kafka bootstrap servers, comma-separated host:port. Empty means: the demo starts a "
+        "local Apache Kafka on loopback; the worker refuses to start without it.",
+    )
+    client_id: str = Field("emotion-stream", description="Client id sent to the brokers (appears in broker logs).")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security.protocol; SASL needs sasl_username/sasl_password."
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "PLAIN", description="Kafka sasl.mechanism, used when security_protocol is SASL_*."
+    )
+    sasl_username: str = Field("", description="SASL user name.")
+    sasl_password: SecretStr = Field(SecretStr(""), description="SASL password (never logged).")
+    session_timeout_s: float = Field(
+        10.0,
+        ge=6.0,
+        description="Consumer group session timeout (Kafka session.timeout.ms in seconds). Lower detects a "
+        "dead worker sooner and rebalances faster, but risks false evictions under GC or load.",
+    )
+    heartbeat_interval_s: float = Field(
+        1.0, gt=0, description="Consumer heartbeat interval; must be well under session_timeout_s."
+    )
+    producer_linger_ms: int = Field(
+        2,
+        ge=0,
+        description="Producer linger.ms: waiting longer packs more events per request (throughput) at the "
+        "cost of that much added latency.",
+    )
+    producer_acks: Literal["all", "1"] = Field(
+        "all", description="Producer acks. 'all' is what makes 'acknowledged by the broker' mean durable."
+    )
+
+
+class TopicSettings(_Group):
+    input: str = Field("chat.messages.v1", description="Topic of chat_message.v1 records (key = conversation_id).")
+    events: str = Field("emotion.events.v1", description="Topic of emotion_event.v1 records (key = conversation_id).")
+    metrics: str = Field("emotion.metrics.v1", description="Topic of stage_metrics.v1 records, one per batch.")
+    dead_letters: str = Field("chat.messages.dlq.v1", description="Topic of dead_letter.v1 records.")
+    partitions: int = Field(
+        4,
+        ge=1,
+        description="Partitions used when this process creates the topics (demo, tests). More partitions "
+        "allow more workers in the group; the cache table is co-partitioned with the input.",
+    )
+    replication_factor: int = Field(1, ge=1, description="Replication factor for topics this process creates.")
+
+
+class BatchingSettings(_Group):
+    max_batch_size: int = Field(
+        64, ge=1, description="Most messages in one inference batch. Larger raises throughput and latency."
+    )
+    max_batch_tokens: int = Field(
+        4096,
+        ge=1,
+        description="Padded-token budget of one batch (longest sequence x batch size), as in "
+        "text-embeddings-inference. Bounds memory and batch time independently of message count.",
+    )
+    max_wait_ms: float = Field(
+        10.0,
+        ge=0,
+        description="A batch closes at the latest this long after its oldest message arrived. Lower cuts "
+        "latency at light load; higher packs fuller batches.",
+    )
+    queue_capacity: int = Field(
+        1024,
+        ge=1,
+        description="Most messages waiting to be batched. A full queue stops consumption (backpressure) "
+        "instead of growing memory.",
+    )
+    group_by_length: bool = Field(
+        True, description="Fill a batch with messages of similar token length to cut padding."
+    )
+    adaptive: bool = Field(
+        True,
+        description="Adapt the token budget to keep batch time under target_batch_p99_ms (and within free "
+        "device memory on a GPU).",
+    )
+    target_batch_p99_ms: float = Field(
+        50.0, gt=0, description="Latency target for one batch's inference when adaptive is on."
+    )
+    min_batch_tokens: int = Field(256, ge=1, description="Lower bound of the adaptive token budget.")
+    max_batch_tokens_ceiling: int = Field(16384, ge=1, description="Upper bound of the adaptive token budget.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> BatchingSettings:
+        if not self.min_batch_tokens <= self.max_batch_tokens <= self.max_batch_tokens_ceiling:
+            raise ValueError("need min_batch_tokens <= max_batch_tokens <= max_batch_tokens_ceiling")
+        return self
+
+
+class ModelSettings(_Group):
+    path: str = Field(
+        "",
+        description="A Hugging Face sequence-classification checkpoint: a local folder or a hub id. Empty "
+        "means the model built by `emotion-stream model build` in the cache directory.",
+    )
+    engine: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
+        "auto",
+        description="Inference engine. 'auto' picks the fastest available engine that passes the parity "
+        "check against PyTorch, and falls back to PyTorch if it fails to load or run.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where to run the model; 'auto' uses CUDA when it is available."
+    )
+    gpu_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="Precision of the PyTorch engine on CUDA (CPU always runs float32)."
+    )
+    max_length_tokens: int = Field(
+        128, ge=8, le=512, description="Token limit per message; longer texts are truncated or rejected."
+    )
+    overlong: Literal["truncate", "reject"] = Field(
+        "truncate",
+        description="What to do with a text over max_length_tokens: truncate (and say so in the event) or "
+        "send it to the dead-letter topic.",
+    )
+    max_text_chars: int = Field(
+        10_000,
+        ge=1,
+        description="Texts longer than this (in characters) are dead-lettered before tokenisation.",
+    )
+    max_message_bytes: int = Field(
+        256 * 1024, ge=1024, description="Raw messages larger than this are dead-lettered without decoding."
+    )
+    num_threads: int = Field(
+        0, ge=0, description="CPU threads for inference (torch/ONNX intra-op). 0 means one per core."
+    )
+    parity_min_top1_agreement: float = Field(
+        0.97, ge=0, le=1, description="Engine parity gate: least top-1 agreement with PyTorch on the sample."
+    )
+    parity_max_prob_diff: float = Field(
+        0.1, ge=0, le=1, description="Engine parity gate: largest absolute probability difference allowed."
+    )
+    parity_sample_size: int = Field(64, ge=1, description="Texts in the fixed parity sample.")
+
+
+class CacheSettings(_Group):
+    l1_enabled: bool = Field(True, description="In-process LRU of results, shared by all partitions.")
+    l1_max_entries: int = Field(50_000, ge=1, description="Most entries in the L1 LRU (about 200 B each).")
+    l1_ttl_s: float = Field(3600.0, gt=0, description="Seconds an L1 entry stays valid.")
+    l2_enabled: bool = Field(
+        True, description="RocksDB-backed Faust table of results, with a changelog; survives restarts."
+    )
+    l2_ttl_s: float = Field(86_400.0, gt=0, description="Seconds an L2 entry stays valid.")
+    l2_max_entries_per_partition: int = Field(
+        200_000, ge=1, description="Bound of L2 entries per input partition; the sweeper evicts beyond it."
+    )
+    admission: Literal["always", "second_sighting"] = Field(
+        "second_sighting",
+        description="L2 admission: 'second_sighting' admits a text only once it was seen twice recently "
+        "(a small frequency sketch), so one-off texts do not evict popular ones.",
+    )
+    sweep_interval_s: float = Field(60.0, gt=0, description="How often expired L2 keys are deleted.")
+    warm_file: Path | None = Field(
+        None, description="Optional file of common phrases (one a line) inferred into L1 at start-up."
+    )
+
+
+class MetricsSettings(_Group):
+    host: str = Field("127.0.0.1", description="Address of the Prometheus /metrics endpoint.")
+    port: int = Field(9108, ge=0, le=65535, description="Port of the /metrics endpoint; 0 disables it.")
+    profile_sample_interval_s: float = Field(
+        1.0, gt=0, description="How often the profiler samples CPU, memory and GPU (off the hot path)."
+    )
+
+
+class WorkerSettings(_Group):
+    app_id: str = Field(
+        "emotion-stream",
+        description="Faust app id = Kafka consumer group; also prefixes the table changelog.",
+    )
+    worker_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        description="Name of this worker in stage metrics and events.",
+    )
+    state_dir: Path = Field(
+        default_factory=lambda: default_cache_dir() / "state",
+        description="Where the RocksDB tables live; one folder per worker (RocksDB takes a lock).",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+
+class DataSettings(_Group):
+    goemotions_dir: Path = Field(
+        default_factory=_default_data_dir,
+        description="Folder with the GoEmotions Ekman train.tsv, dev.tsv and labels.txt.",
+    )
+    cache_dir: Path = Field(
+        default_factory=default_cache_dir,
+        description="Cache for built models, Kafka jars and other artefacts (outside the repository).",
+    )
+
+
+class Settings(BaseSettings):
+    """Every setting of emotion-stream; see the README's configuration table."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EMOTION_STREAM_", env_nested_delimiter="__", frozen=True, extra="ignore"
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)  # type: ignore[arg-type]
+    topics: TopicSettings = Field(default_factory=TopicSettings)  # type: ignore[arg-type]
+    batching: BatchingSettings = Field(default_factory=BatchingSettings)  # type: ignore[arg-type]
+    model: ModelSettings = Field(default_factory=ModelSettings)  # type: ignore[arg-type]
+    cache: CacheSettings = Field(default_factory=CacheSettings)  # type: ignore[arg-type]
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)  # type: ignore[arg-type]
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)  # type: ignore[arg-type]
+    data: DataSettings = Field(default_factory=DataSettings)  # type: ignore[arg-type]
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment once, validate, and return the frozen settings."""
+    return Settings(**overrides)  # type: ignore[arg-type]
