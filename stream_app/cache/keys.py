@@ -1,0 +1,73 @@
+"""Cache keys: normalised text hashed together with the identity of the model that scored it.
+
+Two messages share a cached result when their texts are equal after :func:`normalise` and the same model
+(name, version, runtime, precision) scored them. Case is kept on purpose: "I HATE this" and "i hate this"
+may carry different emotion, and the classifier is cased-input (its tokenizer lower-cases or not; the
+cache must not decide that for it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import unicodedata
+from dataclasses import dataclass
+
+__all__ = ["KEY_BYTES", "ModelIdentity", "cache_key", "normalise"]
+
+KEY_BYTES = 16
+"""Length of a key: 128 bits makes an accidental collision negligible at any realistic cache size."""
+
+_TAG_SEPARATOR = "|"
+
+
+def normalise(text: str) -> str:
+    """Unicode NFC, leading/trailing whitespace stripped, every whitespace run collapsed to one space.
+
+    Case and punctuation are kept.
+    """
+    if not text.isascii():
+        text = unicodedata.normalize("NFC", text)
+    # str.split() with no argument splits on runs of any Unicode whitespace and drops the ends.
+    return " ".join(text.split())
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What produced a cached result; any change must make every old key miss.
+
+    Attributes:
+        name: Model name, e.g. ``minilm-goemotions-ekman``.
+        version: Version of the weights (checkpoint hash or release).
+        runtime: Engine, e.g. ``torch``, ``onnx``, ``onnx-int8``.
+        precision: Numeric precision, e.g. ``float32``, ``float16``.
+    """
+
+    name: str
+    version: str
+    runtime: str
+    precision: str
+
+    def __post_init__(self) -> None:
+        for field, value in (
+            ("name", self.name),
+            ("version", self.version),
+            ("runtime", self.runtime),
+            ("precision", self.precision),
+        ):
+            # The separator and NUL are refused so that the tag, and hence the key, is injective.
+            if not value or _TAG_SEPARATOR in value or "\x00" in value:
+                raise ValueError(f"ModelIdentity.{field} must be non-empty without '|' or NUL: {value!r}")
+
+    @property
+    def tag(self) -> str:
+        """``name|version|runtime|precision``; also what events report as the model."""
+        return _TAG_SEPARATOR.join((self.name, self.version, self.runtime, self.precision))
+
+
+def cache_key(text: str, model: ModelIdentity) -> bytes:
+    """16-byte BLAKE2b of ``model.tag + "\\x00" + normalise(text)``.
+
+    ``surrogatepass`` lets a JSON-decoded lone surrogate through instead of failing the lookup.
+    """
+    data = f"{model.tag}\x00{normalise(text)}".encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(data, digest_size=KEY_BYTES).digest()
