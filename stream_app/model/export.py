@@ -1,0 +1,374 @@
+"""Export a classifier folder to ONNX (fp32) and a dynamically quantised INT8 copy, and measure parity.
+
+Writes into ``<model_dir>/onnx/``:
+
+- ``model.onnx``: fp32, dynamic batch and sequence axes; inputs ``input_ids``, ``attention_mask`` (and
+  ``token_type_ids`` when the model takes them), output ``logits``.
+- ``model.int8.onnx``: ``onnxruntime.quantization.quantize_dynamic`` with QInt8 weights, per-channel scales.
+- ``parity.json``: per variant, top-1 agreement with PyTorch and the largest absolute difference of the
+  softmax probabilities on the parity texts (dev when given), the accuracy of each, and file sizes. The
+  inference engine selector reads this file.
+
+The TorchScript exporter (``dynamo=False``) is tried first, as it is the robust path for BERT; the dynamo
+exporter is the fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stream_app.errors import ModelError
+from stream_app.model.data import load_labels, load_split
+from stream_app.model.evaluate import label_mapping, load_classifier, predict_logits, torch_predictor
+
+__all__ = ["ExportReport", "VariantParity", "export_onnx", "onnx_paths"]
+
+OPSET = 17
+PARITY_MAX_LENGTH = 128
+#: Per-channel weight scales: on the built model's dev set, top-1 agreement with PyTorch went from 0.954
+#: (per-tensor) to 0.979 and the largest probability difference from 0.27 to 0.14, at the same size.
+INT8_OPTIONS: dict[str, Any] = {"per_channel": True}
+_FALLBACK_TEXTS = (
+    "I can't believe you did that, I'm furious!",
+    "That is disgusting, who would eat it?",
+    "I'm scared of what happens next.",
+    "Thank you so much, this made my day!",
+    "The meeting moved to 3pm.",
+    "I miss her every single day.",
+    "Wait, what? No way!",
+    "ok",
+    "Honestly this is the best thing I've read all week and I want to share it with everyone I know.",
+    "Why would anyone think that was a good idea",
+    "lol",
+    "I'm not sure how I feel about the new update, some parts are nice but the rest is confusing.",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class VariantParity:
+    """How one ONNX variant compares with PyTorch on the parity texts."""
+
+    name: str
+    path: str
+    size_bytes: int
+    top1_agreement: float
+    max_abs_prob_diff: float
+    accuracy: float | None
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """The result of :func:`export_onnx` (also stored as ``parity.json``)."""
+
+    model_dir: str
+    parity_path: str
+    n: int
+    source: str
+    exporter: str
+    opset: int
+    inputs: tuple[str, ...]
+    torch_accuracy: float | None
+    torch_size_bytes: int
+    variants: tuple[VariantParity, ...]
+    seconds: float
+    skipped: bool = False
+
+    def variant(self, name: str) -> VariantParity:
+        """The variant called ``name`` (``fp32`` or ``int8``)."""
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, as written to ``parity.json`` (without ``skipped``)."""
+        out = asdict(self)
+        out.pop("skipped")
+        out["inputs"] = list(self.inputs)
+        out["variants"] = {v.name: {k: x for k, x in asdict(v).items() if k != "name"} for v in self.variants}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, skipped: bool = False) -> ExportReport:
+        """Inverse of :meth:`to_dict`."""
+        fields = dict(data)
+        fields.pop("versions", None)
+        fields.pop("created_at", None)
+        fields.pop("int8_options", None)
+        fields["inputs"] = tuple(fields["inputs"])
+        fields["variants"] = tuple(VariantParity(name=k, **v) for k, v in fields["variants"].items())
+        return cls(**fields, skipped=skipped)
+
+
+def onnx_paths(model_dir: Path) -> tuple[Path, Path, Path]:
+    """``(model.onnx, model.int8.onnx, parity.json)`` under ``model_dir/onnx``."""
+    folder = Path(model_dir) / "onnx"
+    return folder / "model.onnx", folder / "model.int8.onnx", folder / "parity.json"
+
+
+def _weights_file(model_dir: Path) -> Path:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (model_dir / name).is_file():
+            return model_dir / name
+    raise ModelError(f"{model_dir}: no model.safetensors (or pytorch_model.bin)")
+
+
+def _up_to_date(model_dir: Path) -> bool:
+    weights_mtime = _weights_file(model_dir).stat().st_mtime
+    return all(p.is_file() and p.stat().st_mtime >= weights_mtime for p in onnx_paths(model_dir))
+
+
+def _forward_inputs(model: Any, tokenizer: Any) -> list[str]:
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    names = ["input_ids", "attention_mask"]
+    if "token_type_ids" in params and "token_type_ids" in tokenizer.model_input_names:
+        names.append("token_type_ids")
+    return names
+
+
+def _export_fp32(model: Any, tokenizer: Any, names: list[str], out: Path) -> str:
+    """Export to ``out``; returns the exporter used."""
+    import torch
+
+    class LogitsOnly(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+            result: torch.Tensor = self.inner(**dict(zip(names, inputs, strict=True))).logits
+            return result
+
+    wrapped = LogitsOnly(model).eval()
+    sample = tokenizer(
+        ["a short one", "a somewhat longer sample sentence for tracing the graph"],
+        padding=True,
+        return_tensors="pt",
+    )
+    args = tuple(sample[n] for n in names)
+    dynamic_axes: dict[str, dict[int, str]] = {n: {0: "batch", 1: "sequence"} for n in names}
+    dynamic_axes["logits"] = {0: "batch"}
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # Chosen on purpose (see the module docstring), so its deprecation notice is noise here.
+            warnings.filterwarnings("ignore", "You are using the legacy TorchScript", DeprecationWarning)
+            torch.onnx.export(
+                wrapped,
+                args,
+                str(out),
+                input_names=names,
+                output_names=["logits"],
+                dynamic_axes=dynamic_axes,
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        return "torchscript"
+    except (TypeError, ValueError, RuntimeError, NotImplementedError, AttributeError):
+        # The TorchScript exporter is deprecated; if this torch no longer has it, use dynamo.
+        pass
+    batch = torch.export.Dim("batch")
+    seq = torch.export.Dim("sequence")
+    with torch.no_grad():
+        program = torch.onnx.export(
+            wrapped,
+            args,
+            input_names=names,
+            output_names=["logits"],
+            dynamic_shapes=tuple({0: batch, 1: seq} for _ in names),
+            opset_version=max(OPSET, 18),
+            dynamo=True,
+            external_data=False,
+        )
+    assert program is not None
+    program.save(str(out), external_data=False)
+    return "dynamo"
+
+
+def _ort_predictor(path: Path, names: Sequence[str]) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelError(f"onnxruntime cannot load {path}: {exc}") from exc
+    got = [i.name for i in session.get_inputs()]
+    if sorted(got) != sorted(names):
+        raise ModelError(f"{path}: inputs {got}, expected {list(names)}")
+
+    def predict(feed: dict[str, np.ndarray]) -> np.ndarray:
+        result: np.ndarray = session.run(["logits"], {n: feed[n] for n in names})[0]
+        return result
+
+    return predict
+
+
+class _DropPreprocessingHint(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Please consider to run pre-processing")
+
+
+@contextlib.contextmanager
+def _quiet_preprocessing_hint() -> Iterator[None]:
+    """quantize_dynamic logs (on the root logger) a hint to run its optional pre-processing step; the
+    result is judged by the parity figures instead, so keep the hint off the user's console."""
+    root = logging.getLogger()
+    hint_filter = _DropPreprocessingHint()
+    root.addFilter(hint_filter)
+    try:
+        yield
+    finally:
+        root.removeFilter(hint_filter)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    out: np.ndarray = e / e.sum(axis=1, keepdims=True)
+    return out
+
+
+def _atomic_target(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:6]}")
+
+
+def export_onnx(
+    model_dir: Path,
+    *,
+    dev_tsv: Path | None,
+    force: bool = False,
+    progress: bool = True,
+    batch_size: int = 64,
+) -> ExportReport:
+    """Export ``model_dir`` to ONNX fp32 and INT8 and write ``parity.json``.
+
+    Skips the work (returning the stored report) when all three files exist and are newer than the
+    weights, unless ``force``.
+
+    Args:
+        model_dir: a Hugging Face sequence-classification folder (safetensors).
+        dev_tsv: texts (and gold labels, for accuracy) to compare on; None uses a small built-in set.
+        force: export again even if up to date.
+        progress: show tqdm bars.
+        batch_size: rows per forward pass in the parity run.
+
+    Raises:
+        ModelError: the folder cannot be loaded, or onnxruntime cannot load an exported file.
+        DataError: a bad row in ``dev_tsv``.
+    """
+    started = time.perf_counter()
+    model_dir = Path(model_dir)
+    fp32_path, int8_path, parity_path = onnx_paths(model_dir)
+    if not force and _up_to_date(model_dir):
+        return ExportReport.from_dict(json.loads(parity_path.read_text()), skipped=True)
+
+    import onnx
+    import onnxruntime
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from transformers import AutoModelForSequenceClassification
+
+    model, tokenizer, model_labels = load_classifier(model_dir)
+    # Eager attention traces to plain MatMul/Softmax, which every ONNX Runtime build runs well.
+    export_model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), attn_implementation="eager")
+    export_model.eval()
+    names = _forward_inputs(export_model, tokenizer)
+
+    fp32_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_fp32 = _atomic_target(fp32_path)
+    tmp_int8 = _atomic_target(int8_path)
+    try:
+        exporter = _export_fp32(export_model, tokenizer, names, tmp_fp32)
+        onnx.checker.check_model(str(tmp_fp32))
+        with _quiet_preprocessing_hint():
+            quantize_dynamic(str(tmp_fp32), str(tmp_int8), weight_type=QuantType.QInt8, **INT8_OPTIONS)
+
+        if dev_tsv is not None:
+            data_labels = load_labels(Path(dev_tsv).parent / "labels.txt")
+            examples = load_split(dev_tsv, len(data_labels))
+            texts = [e.text for e in examples]
+            gold = [e.label_ids for e in examples]
+            mapping: list[int] | None = label_mapping(data_labels, model_labels, str(model_dir))
+            source = str(dev_tsv)
+        else:
+            texts, gold, mapping, source = list(_FALLBACK_TEXTS), [], None, "built-in sample"
+
+        def accuracy(logits: np.ndarray) -> float | None:
+            if mapping is None:
+                return None
+            pred = logits[:, mapping].argmax(axis=1)
+            return float(np.mean([int(p) in g for p, g in zip(pred, gold, strict=True)]))
+
+        def run(predict: Callable[[dict[str, np.ndarray]], np.ndarray], desc: str) -> np.ndarray:
+            return predict_logits(
+                predict,
+                tokenizer,
+                texts,
+                batch_size=batch_size,
+                max_length=PARITY_MAX_LENGTH,
+                progress=progress,
+                desc=desc,
+                input_names=names,
+            )
+
+        ref_logits = run(torch_predictor(model), "parity torch")
+        ref_probs = _softmax(ref_logits)
+        ref_top = ref_logits.argmax(axis=1)
+        variants = []
+        for name, tmp_path, final_path in (("fp32", tmp_fp32, fp32_path), ("int8", tmp_int8, int8_path)):
+            logits = run(_ort_predictor(tmp_path, names), f"parity onnx {name}")
+            variants.append(
+                VariantParity(
+                    name=name,
+                    path=str(final_path.relative_to(model_dir)),
+                    size_bytes=tmp_path.stat().st_size,
+                    top1_agreement=float(np.mean(logits.argmax(axis=1) == ref_top)),
+                    max_abs_prob_diff=float(np.abs(_softmax(logits) - ref_probs).max()),
+                    accuracy=accuracy(logits),
+                )
+            )
+        report = ExportReport(
+            model_dir=str(model_dir),
+            parity_path=str(parity_path),
+            n=len(texts),
+            source=source,
+            exporter=exporter,
+            opset=OPSET,
+            inputs=tuple(names),
+            torch_accuracy=accuracy(ref_logits),
+            torch_size_bytes=_weights_file(model_dir).stat().st_size,
+            variants=tuple(variants),
+            seconds=round(time.perf_counter() - started, 2),
+        )
+        document = report.to_dict() | {
+            "versions": {
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__,
+            },
+            "int8_options": {"weight_type": "QInt8", **INT8_OPTIONS},
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        os.replace(tmp_fp32, fp32_path)
+        os.replace(tmp_int8, int8_path)
+        tmp_parity = _atomic_target(parity_path)
+        tmp_parity.write_text(json.dumps(document, indent=2) + "\n")
+        os.replace(tmp_parity, parity_path)  # last, so a parity.json means both models are in place
+    finally:
+        for leftover in (tmp_fp32, tmp_int8):
+            leftover.unlink(missing_ok=True)
+    return report
