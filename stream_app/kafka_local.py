@@ -98,7 +98,7 @@ def _metadata_request_ok(host: str, port: int, timeout_s: float) -> bool:
                     return False
                 payload += chunk
             correlation_id, error_code = struct.unpack(">ih", payload[:6])
-            return correlation_id == 1 and error_code == 0
+            return bool(correlation_id == 1 and error_code == 0)
     except OSError:
         return False
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,6 +28,7 @@ __all__ = [
     "WorkerSettings",
     "default_cache_dir",
     "load_settings",
+    "settings_reference",
 ]
 
 
@@ -168,7 +169,8 @@ class ModelSettings(_Group):
     max_text_chars: int = Field(
         10_000,
         ge=1,
-        description="Texts longer than this (in characters) are dead-lettered before tokenisation.",
+        description="Texts longer than this (in characters) are cut to it before tokenisation when overlong="
+        "'truncate', or dead-lettered when 'reject'; bounds the tokenizer's work on huge texts.",
     )
     max_message_bytes: int = Field(
         256 * 1024, ge=1024, description="Raw messages larger than this are dead-lettered without decoding."
@@ -249,16 +251,40 @@ class Settings(BaseSettings):
         env_prefix="EMOTION_STREAM_", env_nested_delimiter="__", frozen=True, extra="ignore"
     )
 
-    kafka: KafkaSettings = Field(default_factory=KafkaSettings)  # type: ignore[arg-type]
-    topics: TopicSettings = Field(default_factory=TopicSettings)  # type: ignore[arg-type]
-    batching: BatchingSettings = Field(default_factory=BatchingSettings)  # type: ignore[arg-type]
-    model: ModelSettings = Field(default_factory=ModelSettings)  # type: ignore[arg-type]
-    cache: CacheSettings = Field(default_factory=CacheSettings)  # type: ignore[arg-type]
-    metrics: MetricsSettings = Field(default_factory=MetricsSettings)  # type: ignore[arg-type]
-    worker: WorkerSettings = Field(default_factory=WorkerSettings)  # type: ignore[arg-type]
-    data: DataSettings = Field(default_factory=DataSettings)  # type: ignore[arg-type]
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    topics: TopicSettings = Field(default_factory=TopicSettings)
+    batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Read the environment once, validate, and return the frozen settings."""
-    return Settings(**overrides)  # type: ignore[arg-type]
+    return Settings(**overrides)
+
+
+_DOC_DEFAULTS = {
+    "WORKER__WORKER_ID": "<hostname>-<pid>",
+    "WORKER__STATE_DIR": "<cache_dir>/state",
+    "DATA__GOEMOTIONS_DIR": "../shared/data/goemotions-ekman",
+    "DATA__CACHE_DIR": "~/.cache/emotion-stream (or $EMOTION_STREAM_CACHE_DIR)",
+}
+
+
+def settings_reference() -> list[tuple[str, str, str]]:
+    """(environment variable, default, description) for every setting, in declaration order."""
+    rows = []
+    defaults = Settings.model_construct()
+    for group_name in Settings.model_fields:
+        group = getattr(defaults, group_name, None)
+        if group is None:
+            group = Settings.model_fields[group_name].get_default(call_default_factory=True)
+        for field_name, info in type(group).model_fields.items():
+            key = f"{group_name.upper()}__{field_name.upper()}"
+            value = getattr(group, field_name)
+            shown = "(empty)" if isinstance(value, SecretStr) or value == "" else str(value)
+            rows.append((f"EMOTION_STREAM_{key}", _DOC_DEFAULTS.get(key, shown), info.description or ""))
+    return rows

@@ -1,0 +1,237 @@
+"""The ``emotion-stream`` command: worker, demo, topics, model (build/evaluate/export)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import subprocess
+import tempfile
+import time
+from collections import Counter, deque
+from pathlib import Path
+
+import click
+import numpy as np
+
+from stream_app.errors import EmotionStreamError, ModelError
+from stream_app.settings import Settings, load_settings
+
+__all__ = ["main"]
+
+_log = logging.getLogger("stream_app")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@click.group()
+def main() -> None:
+    """emotion-stream: classify the emotion of chat messages flowing through Kafka."""
+
+
+@main.command()
+def worker() -> None:
+    """Run one worker against the cluster in EMOTION_STREAM_KAFKA__BOOTSTRAP_SERVERS."""
+    settings = load_settings()
+    _setup_logging(settings.worker.log_level)
+    if not settings.kafka.bootstrap_servers:
+        raise click.UsageError("set EMOTION_STREAM_KAFKA__BOOTSTRAP_SERVERS (or use `emotion-stream demo`)")
+    from stream_app.app import create_app, run_worker
+    from stream_app.metrics import serve_metrics
+    from stream_app.service import build_runtime
+
+    try:
+        runtime = build_runtime(settings)
+    except EmotionStreamError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if settings.metrics.port:
+        server, _ = serve_metrics(runtime.metrics, settings.metrics.host, settings.metrics.port)
+        _log.info("metrics on http://%s:%d/metrics", settings.metrics.host, server.server_port)
+    parts = create_app(settings, runtime.pipeline_factory, runtime.metrics)
+    run_worker(parts, settings.worker.log_level)
+
+
+@main.command()
+@click.option("--partitions", type=int, default=None, help="Partitions for topics that do not exist yet.")
+def topics(partitions: int | None) -> None:
+    """Create the input, events, metrics and dead-letter topics (existing ones are kept)."""
+    settings = load_settings()
+    if partitions:
+        settings = settings.model_copy(update={"topics": settings.topics.model_copy(update={"partitions": partitions})})
+    from stream_app.kafka_admin import ensure_topics
+
+    ensure_topics(settings)
+    click.echo("topics ready")
+
+
+def _demo_texts(settings: Settings, n: int, seed: int) -> list[str]:
+    dev = settings.data.goemotions_dir / "dev.tsv"
+    if dev.exists():
+        texts = [line.split("\t", 1)[0] for line in dev.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        from stream_app.service import parity_texts
+
+        texts = parity_texts()
+    rng = random.Random(seed)
+    return [rng.choice(texts) for _ in range(n)]
+
+
+def _ensure_model(settings: Settings) -> None:
+    from stream_app.service import resolve_model_path
+
+    try:
+        resolve_model_path(settings)
+    except ModelError:
+        click.echo("No model built yet: building it now (about 11 minutes on 2 cores, once).")
+        from stream_app.model.train import build_model
+
+        build_model(settings.data.goemotions_dir, settings.data.cache_dir)
+
+
+@main.command()
+@click.option("--messages", type=int, default=600, show_default=True, help="Chat messages to replay.")
+@click.option("--rate", type=float, default=150.0, show_default=True, help="Messages per second (0: unpaced).")
+@click.option("--malformed", type=float, default=0.02, show_default=True, help="Share of malformed messages.")
+@click.option("--seed", type=int, default=7, show_default=True)
+def demo(messages: int, rate: float, malformed: float, seed: int) -> None:
+    """Start a local Kafka (unless bootstrap servers are set), a worker, and replay chat messages."""
+    settings = load_settings()
+    _setup_logging("warning")
+    from rich.console import Console
+
+    from stream_app.local_stack import local_stack
+
+    console = Console()
+    _ensure_model(settings)
+    with tempfile.TemporaryDirectory(prefix="emotion-demo-") as tmp, contextlib.ExitStack() as stack:
+        run_dir = Path(tmp)
+        with console.status("starting Apache Kafka and the worker..."):
+            env = {"EMOTION_STREAM_WORKER__WORKER_ID": "demo-worker"}
+            running = stack.enter_context(local_stack(settings, run_dir, env=env))
+        try:
+            assert running.worker is not None
+            console.print(
+                f"[green]Kafka[/] {running.bootstrap_servers}  [green]worker[/] pid {running.worker.pid}"
+                f"  metrics :{settings.metrics.port}/metrics  log {running.worker_log}"
+            )
+            texts = _demo_texts(settings, messages, seed)
+            asyncio.run(
+                _demo_loop(console, settings, running.bootstrap_servers, texts, rate, malformed, seed, running.worker,
+                           running.worker_log)
+            )  # fmt: skip
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted: stopping the worker and Kafka[/]")
+
+
+async def _demo_loop(
+    console: object,
+    settings: Settings,
+    bootstrap: str,
+    texts: list[str],
+    rate: float,
+    malformed: float,
+    seed: int,
+    proc: subprocess.Popen[bytes],
+    worker_log: Path,
+) -> None:
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
+    from stream_app.kafka_clients import chat_message, consume, produce_all
+
+    assert isinstance(console, Console)
+    rng = random.Random(seed)
+    records: list[tuple[bytes | None, bytes | None]] = []
+    for i, text in enumerate(texts):
+        if rng.random() < malformed:
+            records.append((f"c-{i % 40}".encode(), rng.choice([b"{not json", b"\xff\xfe", b'{"text": 3}'])))
+        else:
+            records.append(chat_message(f"m-{i}", f"c-{i % 40}", text, user_id=f"u-{i % 17}"))
+    sent_at: dict[str, float] = {}
+
+    def on_sent(n: int, ts: float) -> None:
+        sent_at[f"m-{n}"] = ts
+
+    t = settings.topics
+    producer = asyncio.create_task(produce_all(bootstrap, t.input, records, rate_per_s=rate or None, on_sent=on_sent))
+    recent: deque[tuple[str, str, str, float, str, float]] = deque(maxlen=14)
+    labels: Counter[str] = Counter()
+    latencies: list[float] = []
+    dead = 0
+    events = 0
+    started = time.monotonic()
+
+    def render() -> Table:
+        elapsed = max(1e-6, time.monotonic() - started)
+        table = Table(
+            title=f"emotion.events.v1 - {events} events, {dead} dead letters, {len(records)} sent, "
+            f"{events / elapsed:.0f} events/s",
+            expand=True,
+        )
+        for col in ("conversation", "text", "label", "score", "cache", "e2e ms"):
+            table.add_column(col, overflow="ellipsis", no_wrap=True)
+        for conv, text, label, score, cache, e2e in recent:
+            table.add_row(conv, text, label, f"{score:.2f}", cache, f"{e2e:.0f}")
+        return table
+
+    stream = consume(bootstrap, [t.events, t.dead_letters], idle_timeout_s=60)
+    async with contextlib.aclosing(stream) as incoming:
+        with Live(render(), console=console, refresh_per_second=8) as live:
+            async for rec in incoming:
+                doc = rec.json()
+                if rec.topic == t.dead_letters:
+                    dead += 1
+                else:
+                    events += 1
+                    labels[str(doc["label"])] += 1
+                    sent = sent_at.get(str(doc["message_id"]))
+                    e2e = (rec.received_at - sent) * 1e3 if sent else float("nan")
+                    if sent:
+                        latencies.append(e2e)
+                    cache = doc["cache"]
+                    assert isinstance(cache, dict)
+                    recent.appendleft(
+                        (str(doc["conversation_id"]), texts[int(str(doc["message_id"])[2:])][:70], str(doc["label"]),
+                         float(str(doc["score"])), str(cache["level"]), e2e)
+                    )  # fmt: skip
+                live.update(render())
+                if events + dead >= len(records):
+                    break
+                if proc.poll() is not None:
+                    console.print(f"[red]worker exited ({proc.returncode}); see {worker_log}[/]")
+                    break
+    await producer
+    elapsed = time.monotonic() - started
+    summary = Table(title="demo summary")
+    summary.add_column("what")
+    summary.add_column("value", justify="right")
+    summary.add_row("messages sent", str(len(records)))
+    summary.add_row("events", str(events))
+    summary.add_row("dead letters", str(dead))
+    summary.add_row("missing", str(len(records) - events - dead))
+    summary.add_row("throughput (events/s)", f"{events / elapsed:.1f}")
+    if latencies:
+        p50, p95, p99 = np.percentile(latencies, [50, 95, 99])
+        summary.add_row("end-to-end p50 / p95 / p99 ms", f"{p50:.0f} / {p95:.0f} / {p99:.0f}")
+    for label, n in labels.most_common():
+        summary.add_row(f"label {label}", str(n))
+    console.print(summary)
+
+
+def _register_optional_commands() -> None:
+    from stream_app.model.commands import model
+
+    main.add_command(model)
+
+
+_register_optional_commands()
+
+if __name__ == "__main__":
+    main()

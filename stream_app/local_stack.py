@@ -1,0 +1,100 @@
+"""Run a worker (and, if no cluster is given, a local Apache Kafka) as child processes.
+
+Used by ``emotion-stream demo``, the replay benchmark and the tests' helpers: everything started here
+is stopped when the ``with`` block ends, Ctrl-C included, so no process is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from stream_app.errors import InfrastructureError
+from stream_app.kafka_admin import ensure_topics
+from stream_app.kafka_local import local_kafka
+from stream_app.settings import Settings
+
+__all__ = ["Stack", "local_stack", "wait_ready", "worker_process"]
+
+
+@contextlib.contextmanager
+def worker_process(
+    env: Mapping[str, str], log_path: Path, command: tuple[str, ...] = ("worker",)
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``emotion-stream worker`` (or another verb) as a child process, stopped with SIGTERM at exit."""
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stream_app.cli", *command],
+            env=dict(env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches the parent, which stops the child in order
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+def wait_ready(port: int, proc: subprocess.Popen[bytes] | None = None, timeout_s: float = 180.0) -> None:
+    """Wait until a worker's /metrics says it holds input partitions (model loaded, group joined)."""
+    deadline = time.monotonic() + timeout_s
+    url = f"http://127.0.0.1:{port}/metrics"
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise InfrastructureError(f"worker exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                body = resp.read().decode()
+        except OSError:
+            body = ""
+        for line in body.splitlines():
+            if line.startswith("emotion_assigned_partitions ") and float(line.split()[1]) > 0:
+                return
+        time.sleep(0.3)
+    raise InfrastructureError(f"worker not ready after {timeout_s:.0f}s")
+
+
+@dataclass
+class Stack:
+    bootstrap_servers: str
+    worker: subprocess.Popen[bytes] | None
+    worker_log: Path
+    env: dict[str, str]
+
+
+@contextlib.contextmanager
+def local_stack(
+    settings: Settings, run_dir: Path, *, start_worker: bool = True, env: Mapping[str, str] | None = None
+) -> Iterator[Stack]:
+    """Kafka (local unless ``settings.kafka.bootstrap_servers``), the topics, and optionally a worker."""
+    with contextlib.ExitStack() as stack:
+        bootstrap = settings.kafka.bootstrap_servers
+        if not bootstrap:
+            bootstrap = stack.enter_context(local_kafka(settings.data.cache_dir, run_dir / "kafka")).bootstrap_servers
+        ensure_topics(settings, bootstrap)
+        child_env = {
+            **os.environ,
+            "EMOTION_STREAM_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+            "EMOTION_STREAM_WORKER__STATE_DIR": str(run_dir / "state"),
+            **(env or {}),
+        }
+        log = run_dir / "worker.log"
+        proc = stack.enter_context(worker_process(child_env, log)) if start_worker else None
+        if proc is not None and settings.metrics.port:
+            wait_ready(int(child_env.get("EMOTION_STREAM_METRICS__PORT", settings.metrics.port)), proc)
+        yield Stack(bootstrap, proc, log, child_env)
