@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Lint, type-check and run every test (unit, property and integration against a real local Kafka).
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -m unit`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+.venv/bin/ruff check .
+.venv/bin/ruff format --check stream_app
+.venv/bin/mypy
+.venv/bin/python -m pytest "$@"
