@@ -134,6 +134,7 @@ def create_app(settings: Settings, pipeline_factory: Any, metrics: Metrics) -> W
         table_standby_replicas=0,
         logging_config=None,
     )
+
     def raw_topic(name: str) -> Any:
         return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 

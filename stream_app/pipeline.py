@@ -121,8 +121,7 @@ class _BatchStats:
 
 
 _CACHE_INFO: dict[str, CacheInfo] = {
-    level: CacheInfo(hit=level != "none", level=level)
-    for level in ("l1", "l2", "batch", "none")
+    level: CacheInfo(hit=level != "none", level=level) for level in ("l1", "l2", "batch", "none")
 }
 
 
