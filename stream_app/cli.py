@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import subprocess
 import tempfile
@@ -42,8 +43,12 @@ def worker() -> None:
     _setup_logging(settings.worker.log_level)
     if not settings.kafka.bootstrap_servers:
         raise click.UsageError("set EMOTION_STREAM_KAFKA__BOOTSTRAP_SERVERS (or use `emotion-stream demo`)")
+    if not settings.model.cpu_spin_wait:
+        # OpenMP threads (PyTorch) sleep when idle instead of spinning; must be set before torch loads
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from stream_app.app import create_app, run_worker
     from stream_app.metrics import serve_metrics
+    from stream_app.profiler import ResourceSampler
     from stream_app.service import build_runtime
 
     try:
@@ -53,8 +58,15 @@ def worker() -> None:
     if settings.metrics.port:
         server, _ = serve_metrics(runtime.metrics, settings.metrics.host, settings.metrics.port)
         _log.info("metrics on http://%s:%d/metrics", settings.metrics.host, server.server_port)
+    # CPU, memory and (with pynvml) GPU gauges, sampled on a daemon thread off the hot path
+    sampler = ResourceSampler(runtime.metrics, settings.metrics.profile_sample_interval_s)
+    _log.info(sampler.gpu_note)
+    sampler.start()
     parts = create_app(settings, runtime.pipeline_factory, runtime.metrics)
-    run_worker(parts, settings.worker.log_level)
+    try:
+        run_worker(parts, settings.worker.log_level)
+    finally:
+        sampler.stop()
 
 
 @main.command()
@@ -225,13 +237,15 @@ async def _demo_loop(
     console.print(summary)
 
 
-def _register_optional_commands() -> None:
+def _register_commands() -> None:
     from stream_app.model.commands import model
+    from stream_app.perf_commands import baseline, profile, replay, sweep_command
 
-    main.add_command(model)
+    for command in (model, replay, baseline, profile, sweep_command):
+        main.add_command(command)
 
 
-_register_optional_commands()
+_register_commands()
 
 if __name__ == "__main__":
     main()

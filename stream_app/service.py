@@ -132,6 +132,7 @@ def build_runtime(settings: Settings, metrics: Metrics | None = None) -> Runtime
         min_top1_agreement=m.parity_min_top1_agreement,
         max_prob_diff=m.parity_max_prob_diff,
         on_fallback=on_fallback,
+        cpu_spin_wait=m.cpu_spin_wait,
     )
     warm_up(engine, encoder, samples)
     cold = time.perf_counter() - t0

@@ -129,9 +129,17 @@ class BatchingSettings(_Group):
         "device memory on a GPU).",
     )
     target_batch_p99_ms: float = Field(
-        50.0, gt=0, description="Latency target for one batch's inference when adaptive is on."
+        100.0,
+        gt=0,
+        description="Latency target for one batch's inference when adaptive is on. Too low shrinks batches "
+        "below where the engine is efficient, which lowers throughput and lengthens queues under load.",
     )
-    min_batch_tokens: int = Field(256, ge=1, description="Lower bound of the adaptive token budget.")
+    min_batch_tokens: int = Field(
+        1024,
+        ge=1,
+        description="Lower bound of the adaptive token budget: keeps batches large enough to be efficient "
+        "even when a busy machine slows single batches down.",
+    )
     max_batch_tokens_ceiling: int = Field(16384, ge=1, description="Upper bound of the adaptive token budget.")
 
     @model_validator(mode="after")
@@ -177,6 +185,11 @@ class ModelSettings(_Group):
     )
     num_threads: int = Field(
         0, ge=0, description="CPU threads for inference (torch/ONNX intra-op). 0 means one per core."
+    )
+    cpu_spin_wait: bool = Field(
+        False,
+        description="Let idle ONNX Runtime CPU threads spin-wait between batches: slightly lower latency on a "
+        "dedicated many-core machine, but on a small or shared one it starves the consumer and tokenizer.",
     )
     parity_min_top1_agreement: float = Field(
         0.97, ge=0, le=1, description="Engine parity gate: least top-1 agreement with PyTorch on the sample."

@@ -262,6 +262,7 @@ def _plan(
     gpu_dtype: GpuDtype,
     num_threads: int,
     cache_dir: Path | None,
+    cpu_spin_wait: bool = False,
 ) -> _Plan:
     """Candidates in expected speed order, the parity reference, and the run-time fallback."""
     from stream_app.inference.onnx_engine import OnnxEngine
@@ -271,7 +272,10 @@ def _plan(
 
     def onnx(precision: Literal["fp32", "int8", "fp16"]) -> _Spec:
         name = "onnx" if precision == "fp32" else f"onnx-{precision}"
-        return _Spec(name, lambda: OnnxEngine(path, precision, device, num_threads, cache_dir=cache_dir))
+        return _Spec(
+            name,
+            lambda: OnnxEngine(path, precision, device, num_threads, cache_dir=cache_dir, allow_spinning=cpu_spin_wait),
+        )
 
     reference = _Spec("torch", lambda: TorchEngine(path, device, "float32", num_threads), is_reference=True)
     torch_fast = reference
@@ -348,6 +352,7 @@ def load_engine(
     encoder: TextEncoder | None = None,
     benchmark: bool = True,
     wrap_fallback: bool = True,
+    cpu_spin_wait: bool = False,
 ) -> tuple[Engine, SelectionReport]:
     """Load the best engine for ``device`` that passes the parity gate.
 
@@ -373,6 +378,8 @@ def load_engine(
         benchmark: time the passing candidates and keep the fastest; ``False`` keeps the first that
             passes (faster start-up, trusts the expected order).
         wrap_fallback: return an ONNX engine inside a :class:`FallbackEngine` to PyTorch.
+        cpu_spin_wait: let ONNX Runtime's idle CPU threads spin (lower latency on a dedicated machine;
+            on a small or shared one the spinning starves the consumer and tokenizer threads).
 
     Returns:
         The engine and a :class:`SelectionReport`.
@@ -384,7 +391,7 @@ def load_engine(
     selection_start = time.perf_counter()
     resolved = resolve_device(device)
     encoder = encoder or TextEncoder.from_pretrained(path, max_length)
-    plan = _plan(path, engine, resolved, gpu_dtype, num_threads, cache_dir)
+    plan = _plan(path, engine, resolved, gpu_dtype, num_threads, cache_dir, cpu_spin_wait)
     specs, reference_spec = plan.candidates, plan.reference
     texts = list(parity_texts)
     batches = _timing_batches(encoder, texts) if texts else []
