@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter, deque
@@ -43,6 +44,9 @@ def worker() -> None:
     _setup_logging(settings.worker.log_level)
     if not settings.kafka.bootstrap_servers:
         raise click.UsageError("set EMOTION_STREAM_KAFKA__BOOTSTRAP_SERVERS (or use `emotion-stream demo`)")
+    # The tokenizer and the engine run in threads that need the GIL back the moment their C++ work ends;
+    # the default 5 ms switch interval let the event loop hold it that long after every batch.
+    sys.setswitchinterval(settings.worker.gil_switch_interval_ms / 1000.0)
     if not settings.model.cpu_spin_wait:
         # OpenMP threads (PyTorch) sleep when idle instead of spinning; must be set before torch loads
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
