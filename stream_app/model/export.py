@@ -9,20 +9,15 @@ Writes into ``<model_dir>/onnx/``:
   softmax probabilities on the parity texts (dev when given), the accuracy of each, and file sizes. The
   inference engine selector reads this file.
 
-The TorchScript exporter (``dynamo=False``) is tried first, as it is the robust path for BERT; the dynamo
-exporter is the fallback.
+The export and quantisation themselves are :mod:`stream_app.inference.onnx_export`'s (the engines build the
+same files on demand); this module adds the parity run and writes the three files together.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
-import os
 import time
-import uuid
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,16 +25,14 @@ from typing import Any
 import numpy as np
 
 from stream_app.errors import ModelError
+from stream_app.inference.base import softmax
+from stream_app.inference.onnx_export import INT8_OPTIONS, atomic_target, export_fp32_detailed, quantize_int8
 from stream_app.model.data import load_labels, load_split
 from stream_app.model.evaluate import label_mapping, load_classifier, predict_logits, torch_predictor
 
 __all__ = ["ExportReport", "VariantParity", "export_onnx", "onnx_paths"]
 
-OPSET = 17
 PARITY_MAX_LENGTH = 128
-#: Per-channel weight scales: on the built model's dev set, top-1 agreement with PyTorch went from 0.954
-#: (per-tensor) to 0.979 and the largest probability difference from 0.27 to 0.14, at the same size.
-INT8_OPTIONS: dict[str, Any] = {"per_channel": True}
 _FALLBACK_TEXTS = (
     "I can't believe you did that, I'm furious!",
     "That is disgusting, who would eat it?",
@@ -130,73 +123,14 @@ def _up_to_date(model_dir: Path) -> bool:
     return all(p.is_file() and p.stat().st_mtime >= weights_mtime for p in onnx_paths(model_dir))
 
 
-def _forward_inputs(model: Any, tokenizer: Any) -> list[str]:
-    import inspect
+def _onnx_signature(path: Path) -> tuple[int, list[str]]:
+    """The default-domain opset and the input names (in graph order) of an ONNX file."""
+    import onnx
 
-    params = inspect.signature(model.forward).parameters
-    names = ["input_ids", "attention_mask"]
-    if "token_type_ids" in params and "token_type_ids" in tokenizer.model_input_names:
-        names.append("token_type_ids")
-    return names
-
-
-def _export_fp32(model: Any, tokenizer: Any, names: list[str], out: Path) -> str:
-    """Export to ``out``; returns the exporter used."""
-    import torch
-
-    class LogitsOnly(torch.nn.Module):
-        def __init__(self, inner: Any) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-            result: torch.Tensor = self.inner(**dict(zip(names, inputs, strict=True))).logits
-            return result
-
-    wrapped = LogitsOnly(model).eval()
-    sample = tokenizer(
-        ["a short one", "a somewhat longer sample sentence for tracing the graph"],
-        padding=True,
-        return_tensors="pt",
-    )
-    args = tuple(sample[n] for n in names)
-    dynamic_axes: dict[str, dict[int, str]] = {n: {0: "batch", 1: "sequence"} for n in names}
-    dynamic_axes["logits"] = {0: "batch"}
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # Chosen on purpose (see the module docstring), so its deprecation notice is noise here.
-            warnings.filterwarnings("ignore", "You are using the legacy TorchScript", DeprecationWarning)
-            torch.onnx.export(
-                wrapped,
-                args,
-                str(out),
-                input_names=names,
-                output_names=["logits"],
-                dynamic_axes=dynamic_axes,
-                opset_version=OPSET,
-                do_constant_folding=True,
-                dynamo=False,
-            )
-        return "torchscript"
-    except (TypeError, ValueError, RuntimeError, NotImplementedError, AttributeError):
-        # The TorchScript exporter is deprecated; if this torch no longer has it, use dynamo.
-        pass
-    batch = torch.export.Dim("batch")
-    seq = torch.export.Dim("sequence")
-    with torch.no_grad():
-        program = torch.onnx.export(
-            wrapped,
-            args,
-            input_names=names,
-            output_names=["logits"],
-            dynamic_shapes=tuple({0: batch, 1: seq} for _ in names),
-            opset_version=max(OPSET, 18),
-            dynamo=True,
-            external_data=False,
-        )
-    assert program is not None
-    program.save(str(out), external_data=False)
-    return "dynamo"
+    proto = onnx.load(str(path), load_external_data=False)
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    initializers = {t.name for t in proto.graph.initializer}
+    return int(opset), [i.name for i in proto.graph.input if i.name not in initializers]
 
 
 def _ort_predictor(path: Path, names: Sequence[str]) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
@@ -215,35 +149,6 @@ def _ort_predictor(path: Path, names: Sequence[str]) -> Callable[[dict[str, np.n
         return result
 
     return predict
-
-
-class _DropPreprocessingHint(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Please consider to run pre-processing")
-
-
-@contextlib.contextmanager
-def _quiet_preprocessing_hint() -> Iterator[None]:
-    """quantize_dynamic logs (on the root logger) a hint to run its optional pre-processing step; the
-    result is judged by the parity figures instead, so keep the hint off the user's console."""
-    root = logging.getLogger()
-    hint_filter = _DropPreprocessingHint()
-    root.addFilter(hint_filter)
-    try:
-        yield
-    finally:
-        root.removeFilter(hint_filter)
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    out: np.ndarray = e / e.sum(axis=1, keepdims=True)
-    return out
-
-
-def _atomic_target(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:6]}")
 
 
 def export_onnx(
@@ -268,6 +173,7 @@ def export_onnx(
 
     Raises:
         ModelError: the folder cannot be loaded, or onnxruntime cannot load an exported file.
+        EngineError: the ONNX export or the INT8 quantisation failed.
         DataError: a bad row in ``dev_tsv``.
     """
     started = time.perf_counter()
@@ -279,23 +185,13 @@ def export_onnx(
     import onnx
     import onnxruntime
     import torch
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from transformers import AutoModelForSequenceClassification
 
     model, tokenizer, model_labels = load_classifier(model_dir)
-    # Eager attention traces to plain MatMul/Softmax, which every ONNX Runtime build runs well.
-    export_model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), attn_implementation="eager")
-    export_model.eval()
-    names = _forward_inputs(export_model, tokenizer)
-
-    fp32_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_fp32 = _atomic_target(fp32_path)
-    tmp_int8 = _atomic_target(int8_path)
-    try:
-        exporter = _export_fp32(export_model, tokenizer, names, tmp_fp32)
-        onnx.checker.check_model(str(tmp_fp32))
-        with _quiet_preprocessing_hint():
-            quantize_dynamic(str(tmp_fp32), str(tmp_int8), weight_type=QuantType.QInt8, **INT8_OPTIONS)
+    # Both models are built under temporary names and renamed into place only once parity has been measured.
+    with atomic_target(fp32_path) as tmp_fp32, atomic_target(int8_path) as tmp_int8:
+        exporter = export_fp32_detailed(model_dir, tmp_fp32).exporter
+        quantize_int8(tmp_fp32, tmp_int8)
+        opset, names = _onnx_signature(tmp_fp32)
 
         if dev_tsv is not None:
             data_labels = load_labels(Path(dev_tsv).parent / "labels.txt")
@@ -326,7 +222,7 @@ def export_onnx(
             )
 
         ref_logits = run(torch_predictor(model), "parity torch")
-        ref_probs = _softmax(ref_logits)
+        ref_probs = softmax(ref_logits)
         ref_top = ref_logits.argmax(axis=1)
         variants = []
         for name, tmp_path, final_path in (("fp32", tmp_fp32, fp32_path), ("int8", tmp_int8, int8_path)):
@@ -337,7 +233,7 @@ def export_onnx(
                     path=str(final_path.relative_to(model_dir)),
                     size_bytes=tmp_path.stat().st_size,
                     top1_agreement=float(np.mean(logits.argmax(axis=1) == ref_top)),
-                    max_abs_prob_diff=float(np.abs(_softmax(logits) - ref_probs).max()),
+                    max_abs_prob_diff=float(np.abs(softmax(logits) - ref_probs).max()),
                     accuracy=accuracy(logits),
                 )
             )
@@ -347,7 +243,7 @@ def export_onnx(
             n=len(texts),
             source=source,
             exporter=exporter,
-            opset=OPSET,
+            opset=opset,
             inputs=tuple(names),
             torch_accuracy=accuracy(ref_logits),
             torch_size_bytes=_weights_file(model_dir).stat().st_size,
@@ -360,15 +256,9 @@ def export_onnx(
                 "onnx": onnx.__version__,
                 "onnxruntime": onnxruntime.__version__,
             },
-            "int8_options": {"weight_type": "QInt8", **INT8_OPTIONS},
+            "int8_options": dict(INT8_OPTIONS),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        os.replace(tmp_fp32, fp32_path)
-        os.replace(tmp_int8, int8_path)
-        tmp_parity = _atomic_target(parity_path)
+    with atomic_target(parity_path) as tmp_parity:  # last, so a parity.json means both models are in place
         tmp_parity.write_text(json.dumps(document, indent=2) + "\n")
-        os.replace(tmp_parity, parity_path)  # last, so a parity.json means both models are in place
-    finally:
-        for leftover in (tmp_fp32, tmp_int8):
-            leftover.unlink(missing_ok=True)
     return report
