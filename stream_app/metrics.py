@@ -92,7 +92,10 @@ class Metrics:
             registry=r,
         )
         self.engine_fallbacks_total = Counter(
-            "emotion_engine_fallbacks_total", "Switches to the fallback engine.", ["result"], registry=r
+            "emotion_engine_fallbacks_total",
+            "Engines passed over or switched away from, by reason code.",
+            ["reason"],
+            registry=r,
         )
         self.oom_splits_total = Counter(
             "emotion_oom_splits_total", "Batches split after a device out-of-memory error.", registry=r

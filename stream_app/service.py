@@ -117,8 +117,10 @@ def build_runtime(settings: Settings, metrics: Metrics | None = None) -> Runtime
 
     def on_fallback(from_engine: str, to_engine: str, reason: str) -> None:
         _log.warning("engine fallback %s -> %s: %s", from_engine, to_engine, reason)
-        metrics.engine_fallbacks_total.labels("fallback").inc()
+        # reasons start with a fixed code (load_failed, parity_failed, unsupported, predict_failed)
+        metrics.engine_fallbacks_total.labels(reason.split(":", 1)[0]).inc()
 
+    threads = m.num_threads or max(1, len(os.sched_getaffinity(0)) - 1)
     encoder = TextEncoder.from_pretrained(model_path, max_length=m.max_length_tokens)
     samples = parity_texts()[: m.parity_sample_size]
     engine, report = load_engine(
@@ -126,7 +128,7 @@ def build_runtime(settings: Settings, metrics: Metrics | None = None) -> Runtime
         engine=m.engine,
         device=m.device,
         gpu_dtype=m.gpu_dtype,
-        num_threads=m.num_threads,
+        num_threads=threads,
         cache_dir=settings.data.cache_dir,
         parity_texts=samples,
         min_top1_agreement=m.parity_min_top1_agreement,
