@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import subprocess
 import sys
@@ -157,25 +156,6 @@ class RunningTarget:
 
 
 @contextlib.contextmanager
-def _spawn(args: Sequence[str], env: Mapping[str, str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A child ``python -m ...`` process, stopped with SIGTERM (then SIGKILL) at exit."""
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, *args], env=dict(env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-
-
-@contextlib.contextmanager
 def running_target(
     kind: TargetKind,
     settings: Settings,
@@ -190,7 +170,7 @@ def running_target(
     starts from nothing; ``env`` adds ``EMOTION_STREAM_*`` overrides for the child.
     """
     from stream_app.kafka_local import free_port
-    from stream_app.local_stack import local_stack
+    from stream_app.local_stack import local_stack, worker_process
 
     run_dir.mkdir(parents=True, exist_ok=True)
     topics = fresh_topics(settings, tag) if tag else settings.topics
@@ -215,7 +195,7 @@ def running_target(
             return
         log = run_dir / "baseline.log"
         launched = time.monotonic()
-        with _spawn(["-m", "stream_app.perf_commands", "baseline"], stack.env, log) as proc:
+        with worker_process(stack.env, log, command=("baseline",)) as proc:
             yield RunningTarget(kind, proc, port, log, group, stack.bootstrap_servers, topics, cell, launched)
 
 
