@@ -117,7 +117,6 @@ class _BatchStats:
     postprocess_s: float
     cache: CacheCounts
     outstanding: int
-    emitted_from: float = 0.0
 
 
 _CACHE_INFO: dict[str, CacheInfo] = {
@@ -166,7 +165,6 @@ class PipelineConfig:
     overlong_reject: bool
     max_message_bytes: int
     max_text_chars: int
-    l1_ttl_s: float
     l2_ttl_s: float
     l2_enabled: bool
     tokenize_chunk: int = 256
@@ -244,7 +242,6 @@ class Pipeline:
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.failed: BaseException | None = None
-        self.processed = 0
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -669,7 +666,6 @@ class Pipeline:
             if self._in_flight == 0:
                 self._idle.set()
             self._slots.release()
-            self.processed += 1
             if item.dead is None:
                 self.metrics.events_total.inc()
                 self.metrics.end_to_end_seconds.observe(now - item.received_mono)

@@ -65,7 +65,6 @@ def pipeline_config(settings: Settings) -> PipelineConfig:
         overlong_reject=m.overlong == "reject",
         max_message_bytes=m.max_message_bytes,
         max_text_chars=m.max_text_chars,
-        l1_ttl_s=c.l1_ttl_s,
         l2_ttl_s=c.l2_ttl_s,
         l2_enabled=c.l2_enabled,
     )

@@ -137,7 +137,6 @@ def _config(**over: Any) -> PipelineConfig:
         overlong_reject=False,
         max_message_bytes=10_000,
         max_text_chars=500,
-        l1_ttl_s=60.0,
         l2_ttl_s=600.0,
         l2_enabled=True,
     )
