@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
-from stream_app.errors import ConfigError, EmotionStreamError
+from stream_app.errors import BatcherClosed, ConfigError, QueueFull
 
 __all__ = [
     "AdaptiveBudget",
@@ -46,16 +46,6 @@ T = TypeVar("T")
 
 CloseReason = Literal["size", "tokens", "age", "drain"]
 """Why a batch closed: count cap, padded-token budget, oldest item's age, or forced (drain on close)."""
-
-
-class QueueFull(EmotionStreamError):
-    """The batcher holds ``capacity`` items; the caller must wait (backpressure), never grow the queue."""
-
-    retriable = True
-
-
-class BatcherClosed(EmotionStreamError):
-    """The batcher was closed: ``put`` refuses new items, ``get`` raises once the queue is drained."""
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ EmotionStreamError                 base of everything raised on purpose here
 │   └── TextTooLongError           over the configured limit with ``overlong=reject``
 ├── DataError                      a training/evaluation file with a bad row (names the line)
 ├── ModelError                     a model folder or checkpoint that cannot be loaded
+├── QueueFull                      the batcher is at capacity: wait (backpressure); retriable
+├── BatcherClosed                  the batcher was closed (shutdown)
 ├── EngineError                    an inference engine failed (load or run)
 │   └── DeviceOutOfMemoryError     the accelerator ran out of memory (retriable: split the batch)
 └── InfrastructureError            the broker or the device is gone: stop without committing
@@ -22,6 +24,7 @@ between split-and-retry, dead-lettering and stopping the worker.
 from __future__ import annotations
 
 __all__ = [
+    "BatcherClosed",
     "ConfigError",
     "DataError",
     "DecodeError",
@@ -32,6 +35,7 @@ __all__ = [
     "InfrastructureError",
     "InputError",
     "ModelError",
+    "QueueFull",
     "SchemaError",
     "TextTooLongError",
 ]
@@ -83,6 +87,16 @@ class DataError(EmotionStreamError):
 
 class ModelError(EmotionStreamError):
     """A model checkpoint cannot be found or loaded."""
+
+
+class QueueFull(EmotionStreamError):
+    """The batcher holds ``capacity`` items; the caller must wait (backpressure), never grow the queue."""
+
+    retriable = True
+
+
+class BatcherClosed(EmotionStreamError):
+    """The batcher was closed: ``put`` refuses new items, ``get`` raises once the queue is drained."""
 
 
 class EngineError(EmotionStreamError):
