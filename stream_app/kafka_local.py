@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -24,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 from stream_app.errors import InfrastructureError
+from stream_app.processes import terminate
 
 __all__ = ["KAFKA_VERSION", "LocalKafka", "ensure_kafka_libs", "free_port", "local_kafka"]
 
@@ -194,15 +193,8 @@ class LocalKafka:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        if proc is not None:
+            terminate(proc, timeout_s)
 
 
 @contextlib.contextmanager

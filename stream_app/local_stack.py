@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 from stream_app.errors import InfrastructureError
 from stream_app.kafka_admin import ensure_topics
 from stream_app.kafka_local import local_kafka
+from stream_app.processes import terminate
 from stream_app.settings import Settings
 
 __all__ = ["Stack", "local_stack", "wait_ready", "worker_process"]
@@ -41,13 +41,7 @@ def worker_process(
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        terminate(proc)
 
 
 def wait_ready(port: int, proc: subprocess.Popen[bytes] | None = None, timeout_s: float = 180.0) -> None:

@@ -81,6 +81,7 @@ from typing import Any
 import numpy as np
 
 from stream_app.metrics import Metrics
+from stream_app.records import parse_rfc3339
 
 __all__ = [
     "BATCH_GAIN_MIN",
@@ -293,17 +294,6 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
     }
 
 
-def _parse_time(value: object) -> float | None:
-    if not isinstance(value, str):
-        return None
-    from datetime import datetime
-
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
 def _level(event: Mapping[str, Any]) -> str:
     cache = event.get("cache")
     if isinstance(cache, Mapping):
@@ -353,7 +343,7 @@ def build_profile(
     if rep.get("duration_s"):
         prof.wall_s = float(rep["duration_s"])
     else:
-        stamps = [t for t in (_parse_time(r.get("emitted_at")) for r in stage_records) if t is not None]
+        stamps = [t for t in (parse_rfc3339(r.get("emitted_at")) for r in stage_records) if t is not None]
         first_infer = prof.per_batch_ms["infer"]["max"] / 1e3
         prof.wall_s = (max(stamps) - min(stamps) + first_infer) if len(stamps) > 1 else 0.0
     infer_total_s = prof.per_batch_ms["infer"]["total"] / 1e3

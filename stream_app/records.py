@@ -29,6 +29,7 @@ __all__ = [
     "StageMetrics",
     "decode_chat_message",
     "event_id_for",
+    "parse_rfc3339",
     "rfc3339",
 ]
 
@@ -39,6 +40,16 @@ DeadLetterReason = Literal["undecodable", "too_large", "schema", "empty_text", "
 def rfc3339(ts: float) -> str:
     """Unix seconds as an RFC 3339 UTC timestamp with milliseconds."""
     return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_rfc3339(value: object) -> float | None:
+    """Unix seconds from an RFC 3339 string (``Z`` or an offset), or None when it is not one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 def event_id_for(topic: str, partition: int, offset: int) -> str:

@@ -35,7 +35,6 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -45,6 +44,7 @@ import orjson
 from stream_app.cache.keys import normalise
 from stream_app.errors import DataError
 from stream_app.kafka_clients import chat_message, open_producer
+from stream_app.records import parse_rfc3339
 
 __all__ = [
     "MALFORMED_KINDS",
@@ -530,7 +530,7 @@ class ReplayAccounting:
             self.resolved += 1
 
     def on_stage_metrics(self, doc: Mapping[str, Any], received_at: float) -> None:
-        emitted = _parse_rfc3339(doc.get("emitted_at"))
+        emitted = parse_rfc3339(doc.get("emitted_at"))
         if self.not_before is not None and emitted is not None and emitted < self.not_before:
             return  # a batch of an earlier run (e.g. the warm-up) that finished after we started reading
         if len(self.stage_records) < self.max_stage_records:
@@ -671,18 +671,9 @@ class ReplayAccounting:
         )
 
 
-def _parse_rfc3339(value: object) -> float | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
 def _to_worker_ms(doc: Mapping[str, Any], sent_at: float | None) -> float | None:
     """Produce call to the worker reading the message (its ``received_at``, millisecond precision)."""
-    read = _parse_rfc3339(doc.get("received_at"))
+    read = parse_rfc3339(doc.get("received_at"))
     if read is None or sent_at is None:
         return None
     return max(0.0, (read - sent_at) * 1e3)

@@ -20,6 +20,7 @@ from stream_app.errors import InfrastructureError, ModelError
 from stream_app.kafka_admin import create_topics
 from stream_app.kafka_local import LocalKafka, free_port, local_kafka
 from stream_app.local_stack import wait_ready
+from stream_app.processes import terminate
 from stream_app.settings import load_settings
 
 pytestmark = pytest.mark.integration
@@ -123,15 +124,8 @@ class Worker:
             self.process.wait(timeout=30)
 
     def stop(self, timeout_s: float = 40.0) -> None:
-        proc = self.process
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        if self.process is not None:
+            terminate(self.process, timeout_s)
 
     def cleanup(self) -> None:
         for proc in self.started:
