@@ -52,6 +52,21 @@ class _FailsToLoad:
 # --- the gate itself ---------------------------------------------------------------------------------
 
 
+def _select(model: Path, cache: Path, texts: tuple[str, ...], engine: Any) -> tuple[Any, Any, Calls]:
+    """load_engine on the CPU with one thread, recording every on_fallback call."""
+    calls: Calls = []
+    chosen, report = load_engine(
+        model,
+        engine=engine,
+        device="cpu",
+        num_threads=1,
+        cache_dir=cache,
+        parity_texts=texts,
+        on_fallback=lambda *args: calls.append(args),
+    )
+    return chosen, report, calls
+
+
 def test_check_parity_thresholds() -> None:
     ref = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]], dtype=np.float32)
     same = check_parity(ref.copy(), ref, min_top1_agreement=0.97, max_prob_diff=0.1)
@@ -92,16 +107,7 @@ def test_perturbed_engine_fails_the_gate_and_falls_back(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(onnx_engine, "OnnxEngine", broken)
-    calls: Calls = []
-    engine, report = load_engine(
-        tiny_model,
-        engine="onnx",
-        device="cpu",
-        num_threads=1,
-        cache_dir=onnx_cache,
-        parity_texts=texts,
-        on_fallback=lambda *args: calls.append(args),
-    )
+    engine, report, calls = _select(tiny_model, onnx_cache, texts, "onnx")
     assert engine.info.kind == "torch" and report.chosen.name == "torch"
     assert [(c[0], c[1]) for c in calls] == [("onnx", "torch")]
     assert calls[0][2].startswith("parity_failed: ")
@@ -113,16 +119,7 @@ def test_perturbed_engine_fails_the_gate_and_falls_back(
 
 
 def test_honest_onnx_passes_the_gate(tiny_model: Path, onnx_cache: Path, texts: tuple[str, ...]) -> None:
-    calls: Calls = []
-    engine, report = load_engine(
-        tiny_model,
-        engine="onnx",
-        device="cpu",
-        num_threads=1,
-        cache_dir=onnx_cache,
-        parity_texts=texts,
-        on_fallback=lambda *args: calls.append(args),
-    )
+    engine, report, calls = _select(tiny_model, onnx_cache, texts, "onnx")
     assert engine.info.name == "onnx" and isinstance(engine, FallbackEngine)
     assert calls == []
     (result,) = report.candidates
@@ -139,16 +136,7 @@ def test_engine_that_fails_to_load_falls_back_to_torch(
     tiny_model: Path, onnx_cache: Path, texts: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(onnx_engine, "OnnxEngine", _FailsToLoad)
-    calls: Calls = []
-    engine, report = load_engine(
-        tiny_model,
-        engine="auto",
-        device="cpu",
-        num_threads=1,
-        cache_dir=onnx_cache,
-        parity_texts=texts,
-        on_fallback=lambda *args: calls.append(args),
-    )
+    engine, report, calls = _select(tiny_model, onnx_cache, texts, "auto")
     assert engine.info.name == "torch" and isinstance(engine, TorchEngine)
     assert [(c[0], c[1]) for c in calls] == [("onnx-int8", "torch"), ("onnx", "torch")]
     assert all(c[2].startswith("load_failed: EngineError: simulated") for c in calls)
