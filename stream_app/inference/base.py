@@ -199,7 +199,7 @@ def model_identity(path: str | Path) -> tuple[str, str]:
     return name, digest.hexdigest()[:12]
 
 
-def predict_split(engine: Engine, batch: EncodedBatch, on_oom: Callable[[], None] | None = None) -> FloatArray:
+def predict_split(engine: Engine, batch: EncodedBatch, on_oom: Callable[[], object] | None = None) -> FloatArray:
     """``engine.predict(batch)``, halving the batch on device out-of-memory until it fits.
 
     Rows come back in input order and none is lost. ``on_oom`` is called once per out-of-memory event

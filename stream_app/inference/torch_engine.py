@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +39,12 @@ class TorchEngine:
 
     On CUDA it runs in ``dtype`` (fp16 or bf16 halve memory and use tensor cores) with SDPA attention;
     on a CPU always in float32, where half precision is slower and less exact.
+
+    On CUDA, SDPA may use the flash, memory-efficient or math kernels but not cuDNN's: PyTorch prefers
+    cuDNN attention for half precision on Hopper, and it builds an execution plan for every new
+    ``(rows, seq_len)`` shape. Stream batches rarely repeat a shape, so on an H100 that plan building
+    (tens to 150 ms) dominated: fp16 ran at a quarter of fp32's speed with the GPU 5-10% busy
+    (``benchmarks/gpu.py``).
     """
 
     def __init__(
@@ -45,6 +53,8 @@ class TorchEngine:
         device: str = "cpu",
         dtype: TorchDtype = "float32",
         num_threads: int = 0,
+        *,
+        cudnn_attention: bool = False,
     ) -> None:
         """Load the checkpoint.
 
@@ -53,6 +63,8 @@ class TorchEngine:
             device: ``cpu``, ``cuda`` or ``cuda:N``.
             dtype: precision on CUDA; ignored (float32) on a CPU.
             num_threads: CPU intra-op threads (``torch.set_num_threads``, process-wide); 0 = one per core.
+            cudnn_attention: on CUDA, let SDPA pick cuDNN attention too (PyTorch's default); off by
+                default, see the class docstring. Kept for comparison runs.
 
         Raises:
             ModelError: the folder is not a usable checkpoint.
@@ -82,6 +94,12 @@ class TorchEngine:
             raise EngineError(f"unsupported device {device!r} (use cpu or cuda)")
         self._device = torch_device
         self._dtype = getattr(torch, dtype)
+        self._attention: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+        if torch_device.type == "cuda" and not cudnn_attention:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+            self._attention = lambda: sdpa_kernel(backends)
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
                 str(path), dtype=self._dtype, attn_implementation="sdpa"
@@ -115,7 +133,7 @@ class TorchEngine:
             raise EngineError(f"batch of {batch.seq_len} tokens exceeds the model's {self._max_length}")
         cuda = self._device.type == "cuda"
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self._attention():
                 inputs = {
                     "input_ids": torch.from_numpy(batch.input_ids),
                     "attention_mask": torch.from_numpy(batch.attention_mask),
