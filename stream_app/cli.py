@@ -47,6 +47,8 @@ def worker() -> None:
     # The tokenizer and the engine run in threads that need the GIL back the moment their C++ work ends;
     # the default 5 ms switch interval let the event loop hold it that long after every batch.
     sys.setswitchinterval(settings.worker.gil_switch_interval_ms / 1000.0)
+    # The tokenizer's Rayon pool is sized when it first runs: before any model or tokenizer loads.
+    os.environ.setdefault("RAYON_NUM_THREADS", str(settings.worker.resolved_tokenizer_threads()))
     if not settings.model.cpu_spin_wait:
         # OpenMP threads (PyTorch) sleep when idle instead of spinning; must be set before torch loads
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

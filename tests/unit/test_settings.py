@@ -53,3 +53,12 @@ def test_every_setting_is_described_and_in_the_readme() -> None:
     for env, _, description in rows:
         assert description, env
         assert f"`{env}`" in readme, f"{env} missing from the README (run scripts/render_settings_table.py)"
+
+
+def test_tokenizer_threads_zero_means_at_most_four(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert Settings().worker.resolved_tokenizer_threads() == 4
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert Settings().worker.resolved_tokenizer_threads() == 2
+    monkeypatch.setenv("EMOTION_STREAM_WORKER__TOKENIZER_THREADS", "7")
+    assert Settings().worker.resolved_tokenizer_threads() == 7
