@@ -8,7 +8,8 @@ submit(item) ──► intake (bounded) ──► tokenise (thread) ──► ba
                       (per-partition source order) ──► sink.send_* ──► broker ack ──► sink.ack
 ```
 
-One batch is inferred while the next one forms. Each stage is bounded, so a slow engine slows
+Batches are inferred while the next one forms (``concurrent_batches`` at once, each in an inference
+thread; they may finish out of order, which the emitter absorbs). Each stage is bounded, so a slow engine slows
 ``submit`` (and so the consumer) instead of growing memory. The sink (the Faust wiring in ``app.py``)
 sends records and acknowledges source offsets; this module only decides what to send and when.
 Events leave in source order per partition, so per-conversation order (key = conversation_id) holds
@@ -37,6 +38,7 @@ from stream_app.cache.keys import ModelIdentity, normalise
 from stream_app.cache.keys import cache_key as cache_key_for
 from stream_app.cache.lru import TtlLru
 from stream_app.errors import (
+    ConfigError,
     DecodeError,
     DeviceOutOfMemoryError,
     EmotionStreamError,
@@ -169,6 +171,7 @@ class PipelineConfig:
     l2_enabled: bool
     tokenize_chunk: int = 256
     max_consecutive_failures: int = 8
+    concurrent_batches: int = 1
 
 
 class Pipeline:
@@ -225,13 +228,19 @@ class Pipeline:
             maximum=config.max_batch_tokens_ceiling,
             target_s=config.target_batch_s,
         )
-        # one thread each: the tokenizer and the engine overlap, and torch/ORT use their own intra-op pool
+        # The tokenizer and the engine overlap in threads of their own; torch/ORT add their intra-op pools.
+        # concurrent_batches > 1 runs that many batches at once on the one (thread-safe) engine.
+        if config.concurrent_batches < 1:
+            raise ConfigError(f"concurrent_batches must be >= 1, got {config.concurrent_batches}")
         self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
-        self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer")
-        # in-flight bound: what may wait in intake + batcher + one batch running + the ordered emitter
-        self._slots = asyncio.Semaphore(2 * config.queue_capacity + 2 * config.max_batch_size)
+        self._infer_pool = ThreadPoolExecutor(config.concurrent_batches, thread_name_prefix="infer")
+        # in-flight bound: what may wait in intake + batcher + the batches running + the ordered emitter
+        self._slots = asyncio.Semaphore(
+            2 * config.queue_capacity + (1 + config.concurrent_batches) * config.max_batch_size
+        )
         self._order: dict[tuple[str, int], deque[Item]] = {}
         self._emit_wakeup = asyncio.Event()
+        self._get_lock = asyncio.Lock()
         self._idle = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._ack_tasks: set[asyncio.Task[None]] = set()
@@ -248,8 +257,11 @@ class Pipeline:
         self._loop = asyncio.get_running_loop()
         self._tasks = [
             asyncio.create_task(self._tokenize_loop(), name="pipeline-tokenize"),
-            asyncio.create_task(self._infer_loop(), name="pipeline-infer"),
             asyncio.create_task(self._emit_loop(), name="pipeline-emit"),
+        ]
+        self._tasks += [
+            asyncio.create_task(self._infer_loop(), name=f"pipeline-infer-{i}")
+            for i in range(self.config.concurrent_batches)
         ]
         for task in self._tasks:
             task.add_done_callback(self._on_task_done)
@@ -418,7 +430,9 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                batch = await self.batcher.get()
+                # the batcher has one consumer: concurrent infer loops take turns waiting for a batch
+                async with self._get_lock:
+                    batch = await self.batcher.get()
             except BatcherClosed:
                 return
             self.metrics.queue_depth.set(self._intake.qsize() + len(self.batcher))

@@ -17,13 +17,21 @@ from stream_app.cache.admission import Admission, AlwaysAdmit, SecondSightingAdm
 from stream_app.cache.lru import TtlLru
 from stream_app.errors import ModelError
 from stream_app.inference.base import Engine
-from stream_app.inference.select import SelectionReport, load_engine, warm_up
+from stream_app.inference.select import SelectionReport, load_engine, resolve_device, warm_up
 from stream_app.inference.tokenize import TextEncoder
 from stream_app.metrics import Metrics
 from stream_app.pipeline import L1Entry, Pipeline, PipelineConfig, Sink
 from stream_app.settings import Settings
 
-__all__ = ["Runtime", "build_runtime", "parity_texts", "pipeline_config", "resolve_model_path"]
+__all__ = [
+    "Runtime",
+    "build_runtime",
+    "concurrent_batches",
+    "inference_threads",
+    "parity_texts",
+    "pipeline_config",
+    "resolve_model_path",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -49,7 +57,18 @@ def resolve_model_path(settings: Settings) -> str:
     return str(built)
 
 
-def pipeline_config(settings: Settings) -> PipelineConfig:
+def concurrent_batches(settings: Settings, device: str) -> int:
+    """``batching.concurrent_batches``, with 0 resolved for ``device``: 2 on a CPU, 1 on CUDA."""
+    return settings.batching.concurrent_batches or (1 if device.startswith("cuda") else 2)
+
+
+def inference_threads(settings: Settings, concurrency: int) -> int:
+    """``model.num_threads``, with 0 resolved: the cores but one, shared by the concurrent batches."""
+    return settings.model.num_threads or max(1, (len(os.sched_getaffinity(0)) - 1) // concurrency)
+
+
+def pipeline_config(settings: Settings, concurrency: int | None = None) -> PipelineConfig:
+    """The pipeline's plain values; ``concurrency`` is the resolved ``concurrent_batches`` (default 1)."""
     b, m, c = settings.batching, settings.model, settings.cache
     return PipelineConfig(
         worker_id=settings.worker.worker_id,
@@ -67,6 +86,7 @@ def pipeline_config(settings: Settings) -> PipelineConfig:
         max_text_chars=m.max_text_chars,
         l2_ttl_s=c.l2_ttl_s,
         l2_enabled=c.l2_enabled,
+        concurrent_batches=concurrency or b.concurrent_batches or 1,
     )
 
 
@@ -82,13 +102,14 @@ class Runtime:
     l1: TtlLru[bytes, L1Entry] | None
     admission: Admission | None
     warm_entries: list[tuple[str, L1Entry]] = field(default_factory=list)
+    concurrent_batches: int = 1
 
     def pipeline_factory(self, sink: Sink) -> Pipeline:
         pipeline = Pipeline(
             engine=self.engine,
             encoder=self.encoder,
             sink=sink,
-            config=pipeline_config(self.settings),
+            config=pipeline_config(self.settings, self.concurrent_batches),
             metrics=self.metrics,
             l1=self.l1,
             admission=self.admission,
@@ -119,7 +140,8 @@ def build_runtime(settings: Settings, metrics: Metrics | None = None) -> Runtime
         # reasons start with a fixed code (load_failed, parity_failed, unsupported, predict_failed)
         metrics.engine_fallbacks_total.labels(reason.split(":", 1)[0]).inc()
 
-    threads = m.num_threads or max(1, len(os.sched_getaffinity(0)) - 1)
+    concurrency = concurrent_batches(settings, resolve_device(m.device))
+    threads = inference_threads(settings, concurrency)
     encoder = TextEncoder.from_pretrained(model_path, max_length=m.max_length_tokens)
     samples = parity_texts()[: m.parity_sample_size]
     engine, report = load_engine(
@@ -136,6 +158,7 @@ def build_runtime(settings: Settings, metrics: Metrics | None = None) -> Runtime
         cpu_spin_wait=m.cpu_spin_wait,
     )
     warm_up(engine, encoder, samples)
+    _log.info("inference: %d concurrent batch(es), %d intra-op thread(s) each on a CPU", concurrency, threads)
     cold = time.perf_counter() - t0
     metrics.cold_start_seconds.set(cold)
     info = engine.info
@@ -156,4 +179,4 @@ def build_runtime(settings: Settings, metrics: Metrics | None = None) -> Runtime
         admission = SecondSightingAdmission(capacity=max(1024, c.l2_max_entries_per_partition))
     else:
         admission = AlwaysAdmit()
-    return Runtime(settings, metrics, engine, encoder, report, l1, admission)
+    return Runtime(settings, metrics, engine, encoder, report, l1, admission, concurrent_batches=concurrency)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import threading
+import time
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Any
@@ -318,3 +320,40 @@ async def test_stage_metrics_account_for_every_inferred_message() -> None:
     assert inferred + batch_hits == 40
     assert all(m.size <= 8 for m in sink.metrics)
     assert [m.batch_id for m in sink.metrics] == sorted(m.batch_id for m in sink.metrics)
+
+
+class OverlapEngine(FakeEngine):
+    """Records how many predict calls overlap; the first batch is the slowest, so batches finish out of order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self.running = 0
+        self.most_at_once = 0
+
+    def predict(self, batch: EncodedBatch) -> np.ndarray:
+        with self._lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+            first = not self.calls
+        try:
+            time.sleep(0.08 if first else 0.01)
+            return super().predict(batch)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+@pytest.mark.parametrize("concurrent", [1, 2])
+async def test_concurrent_batches_overlap_and_events_stay_in_source_order(concurrent: int) -> None:
+    sink = FakeSink()
+    engine = OverlapEngine()
+    p = _pipeline(sink, engine, l1=False, concurrent_batches=concurrent, max_batch_size=4)
+    raws = [(off % 2, off, _raw(off, f"text number {off} " + "x " * (off % 7))) for off in range(40)]
+    await _run(p, raws)
+    assert engine.most_at_once == concurrent
+    assert sorted(e.source.offset for e in sink.events) == list(range(40))
+    for part in (0, 1):
+        offsets = [e.source.offset for e in sink.events if e.source.partition == part]
+        assert offsets == sorted(offsets)
+    assert sorted(sink.acked) == list(range(40))
