@@ -38,6 +38,7 @@ from stream_app.kafka_admin import create_topics
 from stream_app.kafka_clients import chat_message, produce_all
 from stream_app.kafka_local import free_port, local_kafka
 from stream_app.local_stack import wait_ready, worker_process
+from stream_app.processes import exit_on_sigterm
 from stream_app.settings import load_settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -138,6 +139,7 @@ def _standalone(
 @click.option("--rounds", type=int, default=1, show_default=True, help="Drain each variant this often, interleaved.")
 def main(messages: int, cache: bool, out: Path, variants: str, rounds: int) -> None:
     """Fill the input topic, let one worker drain it, then time the same engine standalone."""
+    exit_on_sigterm()  # a kill stops the local Kafka and worker as Ctrl-C does
     from stream_app.service import resolve_model_path
 
     settings = load_settings()

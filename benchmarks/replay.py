@@ -52,6 +52,7 @@ from stream_app.perf_commands import (
     sweep,
     warm_up,
 )
+from stream_app.processes import exit_on_sigterm
 from stream_app.profiler import build_profile, write_profile
 from stream_app.replay import ReplayReport, build_corpus, load_texts, write_report
 from stream_app.settings import Settings, load_settings
@@ -408,6 +409,8 @@ def main(
 ) -> None:
     """Run the replay benchmark on a local Kafka (see the module docstring)."""
     import logging
+
+    exit_on_sigterm()  # a kill stops the local Kafka and the workers as Ctrl-C does
 
     logging.basicConfig(level=logging.WARNING)
     settings = load_settings()

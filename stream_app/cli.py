@@ -18,6 +18,7 @@ import click
 import numpy as np
 
 from stream_app.errors import EmotionStreamError, ModelError
+from stream_app.processes import exit_on_sigterm
 from stream_app.settings import Settings, load_settings
 
 __all__ = ["main"]
@@ -35,6 +36,8 @@ def _setup_logging(level: str) -> None:
 @click.group()
 def main() -> None:
     """emotion-stream: classify the emotion of chat messages flowing through Kafka."""
+    # demo, replay, sweep and baseline start a local Kafka and workers: SIGTERM must stop them too
+    exit_on_sigterm()
 
 
 @main.command()

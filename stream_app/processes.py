@@ -7,7 +7,22 @@ import os
 import signal
 import subprocess
 
-__all__ = ["terminate"]
+__all__ = ["exit_on_sigterm", "terminate"]
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into ``SystemExit(143)`` in the main thread.
+
+    Python's default for SIGTERM ends the process at once, skipping ``finally`` blocks and context
+    managers, so a tool stopped that way (``kill``, a CI timeout) left the local Kafka and worker it had
+    started running. With this, they stop as they do on Ctrl-C. A Faust worker later installs its own
+    handler on the event loop, which takes precedence.
+    """
+
+    def _exit(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
 
 
 def terminate(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
