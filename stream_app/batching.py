@@ -222,16 +222,19 @@ class Batcher(Generic[T]):
         exactly when the batch :meth:`take` would form is budget-bound (some item left out, or the budget
         met); a lone oversized item is therefore ready at once, as waiting cannot grow its batch.
         """
-        n = len(self._fifo)
-        if n == 0:
-            return False
-        if n >= self._max_size or self._by_len[-1][0] * n >= self._budget:
+        if self.full():
             return True
         oldest = self._oldest()
-        assert oldest is not None
+        if oldest is None:
+            return False
         # Compared as `now >= arrival + wait` (not `now - arrival >= wait`) so it agrees bit for bit
         # with deadline(): a caller that sleeps until deadline() always finds the batch ready.
         return now >= oldest.arrival + self._max_wait
+
+    def full(self) -> bool:
+        """Whether a batch would close on a cap (count or token budget) rather than on age."""
+        n = len(self._fifo)
+        return n > 0 and (n >= self._max_size or self._by_len[-1][0] * n >= self._budget)
 
     def take(self, now: float) -> Batch[T] | None:
         """Form and remove one batch (even if not :meth:`ready`: that is a drain). None when empty."""
@@ -414,10 +417,15 @@ class AsyncBatcher(Generic[T]):
         if len(self._b) == 1 or self._b.ready(self._b.now()):
             self._wake()
 
-    async def get(self) -> Batch[T]:
+    async def get(self, *, full_only: Callable[[], bool] | None = None) -> Batch[T]:
         """The next batch: as soon as one is ready, else when the oldest item's deadline passes.
 
         After :meth:`close`, returns what remains (possibly not ready: reason ``drain``) and then raises.
+
+        Args:
+            full_only: while this returns True, only a full batch (count or token cap) is taken and the
+                age deadline is not waited for; it is asked again at every wake-up, and :meth:`poke`
+                wakes the waiter when its answer may have changed.
 
         Raises:
             BatcherClosed: Closed and drained.
@@ -431,7 +439,8 @@ class AsyncBatcher(Generic[T]):
         try:
             while True:
                 now = self._b.now()
-                if len(self._b) and (self._closed or self._b.ready(now)):
+                strict = full_only is not None and full_only()
+                if len(self._b) and (self._closed or (self._b.full() if strict else self._b.ready(now))):
                     batch = self._b.take(now)
                     assert batch is not None
                     self._release_space()
@@ -443,7 +452,7 @@ class AsyncBatcher(Generic[T]):
                     timer = None  # woke a hair early (clock resolution): sleep the remainder
                 wakeup: asyncio.Future[None] = loop.create_future()
                 self._wakeup = wakeup
-                if timer is None:
+                if timer is None and not strict:
                     deadline = self._b.deadline()
                     # The deadline cannot move while we wait: only this consumer removes items.
                     if deadline is not None:
@@ -455,6 +464,10 @@ class AsyncBatcher(Generic[T]):
             self._wakeup = None
             if timer is not None and not timer.done():
                 timer.cancel()
+
+    def poke(self) -> None:
+        """Wake a waiting ``get`` to re-check its conditions (e.g. its ``full_only`` answer changed)."""
+        self._wake()
 
     def close(self) -> None:
         """Refuse new items; ``get`` drains what is left and then raises :class:`BatcherClosed`."""

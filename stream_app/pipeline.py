@@ -172,6 +172,7 @@ class PipelineConfig:
     tokenize_chunk: int = 256
     max_consecutive_failures: int = 8
     concurrent_batches: int = 1
+    overlap_full_batches_only: bool = True
 
 
 class Pipeline:
@@ -245,6 +246,7 @@ class Pipeline:
         self._tasks: list[asyncio.Task[None]] = []
         self._ack_tasks: set[asyncio.Task[None]] = set()
         self._batch_seq = 0
+        self._running = 0
         self._hits_since_batch = {"l1": 0, "l2": 0, "batch": 0}
         self._consecutive_failures = 0
         self._in_flight = 0
@@ -432,11 +434,20 @@ class Pipeline:
             try:
                 # the batcher has one consumer: concurrent infer loops take turns waiting for a batch
                 async with self._get_lock:
-                    batch = await self.batcher.get()
+                    batch = await self.batcher.get(full_only=self._only_full_batches)
             except BatcherClosed:
                 return
             self.metrics.queue_depth.set(self._intake.qsize() + len(self.batcher))
-            await self._run_batch(loop, batch)
+            self._running += 1
+            try:
+                await self._run_batch(loop, batch)
+            finally:
+                self._running -= 1
+                self.batcher.poke()  # a waiting loop may now take a batch closed by age
+
+    def _only_full_batches(self) -> bool:
+        """While a batch runs, another starts only when full (see ``overlap_full_batches_only``)."""
+        return self.config.overlap_full_batches_only and self._running > 0
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: Batch[Item]) -> None:
         items = list(batch.items)

@@ -87,6 +87,7 @@ def pipeline_config(settings: Settings, concurrency: int | None = None) -> Pipel
         l2_ttl_s=c.l2_ttl_s,
         l2_enabled=c.l2_enabled,
         concurrent_batches=concurrency or b.concurrent_batches or 1,
+        overlap_full_batches_only=b.overlap_full_batches_only,
     )
 
 

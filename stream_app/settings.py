@@ -152,6 +152,12 @@ class BatchingSettings(_Group):
         "msg/s against 672 for one two-threaded batch at a time (benchmarks/drain.py): no fork-join "
         "inside a batch, and one core keeps computing while the other batch waits on the event loop.",
     )
+    overlap_full_batches_only: bool = Field(
+        True,
+        description="With concurrent_batches > 1, start a batch while another runs only when it is full "
+        "(count or token cap); one closed by age waits for the running batch. Keeps batches large at "
+        "moderate load, where many small batches cost more per message, and overlaps them under backlog.",
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> BatchingSettings:

@@ -396,6 +396,31 @@ async def test_get_sleeps_again_when_woken_before_the_deadline() -> None:
     assert slept == [pytest.approx(0.05), pytest.approx(0.03)], "the second sleep is for the remainder"
 
 
+async def test_full_only_ignores_age_until_poked_then_takes_the_aged_batch() -> None:
+    clock = FakeClock()
+    ab = async_batcher(clock)  # never-firing sleep: only puts and pokes wake the consumer
+    await ab.put("a", 3)
+    clock.now += 1.0  # far past the 50 ms deadline
+    strict = True
+    getter = asyncio.ensure_future(ab.get(full_only=lambda: strict))
+    await ab.put("b", 3)  # a wake-up: aged but not full, so still nothing
+    await asyncio.sleep(0.01)
+    assert not getter.done()
+    strict = False
+    ab.poke()
+    batch = await asyncio.wait_for(getter, timeout=5)
+    assert batch.items == ("a", "b") and batch.reason == "age"
+
+
+async def test_full_only_still_takes_a_full_batch() -> None:
+    ab = async_batcher(FakeClock())
+    getter = asyncio.ensure_future(ab.get(full_only=lambda: True))
+    for i in range(4):
+        await ab.put(f"m{i}", 3)
+    batch = await asyncio.wait_for(getter, timeout=5)
+    assert batch.items == ("m0", "m1", "m2", "m3") and batch.reason == "size"
+
+
 async def test_default_clock_and_sleep_flush_on_age() -> None:
     """The production wiring (monotonic clock, asyncio.sleep): a lone item still comes out, by age."""
     b: Batcher[str] = Batcher(max_batch_size=8, max_batch_tokens=1000, max_wait_s=0.002, capacity=8)
@@ -526,18 +551,14 @@ class VirtualTime:
     stream=st.lists(st.tuples(st.sampled_from([0.0, 0.01, 0.2]), st.integers(1, 50)), max_size=40),
     work_s=st.sampled_from([0.0, 0.03, 0.2]),
 )
-def test_pipelined_consumer_sees_every_item_once_and_in_time(
-    stream: list[tuple[float, int]], work_s: float
-) -> None:
+def test_pipelined_consumer_sees_every_item_once_and_in_time(stream: list[tuple[float, int]], work_s: float) -> None:
     """A producer and a consumer that "runs" each batch for work_s of virtual time: nothing is lost or
     duplicated, caps hold, and get() returns no later than the oldest item's deadline or, if the
     consumer came back after it, at once."""
 
     async def scenario() -> tuple[list[tuple[float, Batch[str]]], dict[str, float]]:
         vt = VirtualTime()
-        b: Batcher[str] = Batcher(
-            max_batch_size=5, max_batch_tokens=120, max_wait_s=0.05, capacity=4, clock=vt.clock
-        )
+        b: Batcher[str] = Batcher(max_batch_size=5, max_batch_tokens=120, max_wait_s=0.05, capacity=4, clock=vt.clock)
         ab = AsyncBatcher(b, sleep=vt.sleep)
         arrived: dict[str, float] = {}
         batches: list[tuple[float, Batch[str]]] = []
@@ -591,9 +612,7 @@ def budget(**kw: object) -> AdaptiveBudget:
     return AdaptiveBudget(**params)  # type: ignore[arg-type]
 
 
-def run_full_batches(
-    ab: AdaptiveBudget, seconds_per_token: float, steps: int, overhead_s: float = 0.0
-) -> None:
+def run_full_batches(ab: AdaptiveBudget, seconds_per_token: float, steps: int, overhead_s: float = 0.0) -> None:
     for _ in range(steps):
         ab.observe(ab.value, overhead_s + seconds_per_token * ab.value)
 

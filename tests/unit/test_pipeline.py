@@ -348,7 +348,7 @@ class OverlapEngine(FakeEngine):
 async def test_concurrent_batches_overlap_and_events_stay_in_source_order(concurrent: int) -> None:
     sink = FakeSink()
     engine = OverlapEngine()
-    p = _pipeline(sink, engine, l1=False, concurrent_batches=concurrent, max_batch_size=4)
+    p = _pipeline(sink, engine, l1=False, concurrent_batches=concurrent, max_batch_size=4, max_wait_s=0.001)
     raws = [(off % 2, off, _raw(off, f"text number {off} " + "x " * (off % 7))) for off in range(40)]
     await _run(p, raws)
     assert engine.most_at_once == concurrent
@@ -357,3 +357,31 @@ async def test_concurrent_batches_overlap_and_events_stay_in_source_order(concur
         offsets = [e.source.offset for e in sink.events if e.source.partition == part]
         assert offsets == sorted(offsets)
     assert sorted(sink.acked) == list(range(40))
+
+
+@pytest.mark.parametrize("full_only", [True, False])
+async def test_with_full_only_a_second_batch_waits_unless_full(full_only: bool) -> None:
+    """Two concurrent loops, a trickle of messages (never a full batch): with full_only no batch closed by
+    age overlaps the running one; without it they do."""
+    sink = FakeSink()
+    engine = OverlapEngine()
+    p = _pipeline(
+        sink,
+        engine,
+        l1=False,
+        concurrent_batches=2,
+        max_batch_size=8,
+        max_wait_s=0.002,
+        overlap_full_batches_only=full_only,
+    )
+    await p.start()
+    try:
+        for off in range(12):
+            src = SourceRef(topic="in", partition=0, offset=off)
+            await p.submit(p.make_item(object(), src, b"k", _raw(off, f"trickle {off}")))
+            await asyncio.sleep(0.02)
+        await p.drain(timeout_s=10)
+    finally:
+        await p.stop()
+    assert sorted(e.source.offset for e in sink.events) == list(range(12))
+    assert engine.most_at_once == (1 if full_only else 2)
