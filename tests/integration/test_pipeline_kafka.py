@@ -21,13 +21,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 
-# texts whose emotion no reasonable model gets wrong
+# texts this model labels with a wide margin (top two >= 0.24 apart in fp32 and INT8, at batch 1 and 6):
+# INT8 scales activations per batch, so a near tie may flip with the batch a text lands in
 UNAMBIGUOUS = {
     "I am so happy and grateful, this is wonderful!": "joy",
     "I am absolutely furious with you, this makes me so angry": "anger",
     "I'm terrified, I'm so scared of what will happen": "fear",
     "My best friend died today and I can't stop crying": "sadness",
-    "That is disgusting, it makes me want to vomit": "disgust",
+    "This is disgusting and vile, I hate looking at it": "disgust",
     "Wow, I did not expect that at all, what a surprise!": "surprise",
 }
 
