@@ -89,11 +89,12 @@ def _standalone(
     from concurrent.futures import ThreadPoolExecutor
 
     from stream_app.batching import Batcher
+    from stream_app.inference.base import available_cores
     from stream_app.inference.select import EngineChoice, load_engine
     from stream_app.inference.tokenize import TextEncoder
 
     m, b = settings.model, settings.batching
-    threads = m.num_threads if concurrency == 1 else max(1, len(os.sched_getaffinity(0)) // concurrency)
+    threads = m.num_threads if concurrency == 1 else max(1, available_cores() // concurrency)
     encoder = TextEncoder.from_pretrained(model_path, max_length=m.max_length_tokens)
     engine, _ = load_engine(
         model_path, engine=cast(EngineChoice, engine_name), device="cpu", num_threads=threads,

@@ -16,7 +16,7 @@ from pathlib import Path
 from stream_app.cache.admission import Admission, AlwaysAdmit, SecondSightingAdmission
 from stream_app.cache.lru import TtlLru
 from stream_app.errors import ModelError
-from stream_app.inference.base import Engine
+from stream_app.inference.base import Engine, available_cores
 from stream_app.inference.select import SelectionReport, load_engine, resolve_device, warm_up
 from stream_app.inference.tokenize import TextEncoder
 from stream_app.metrics import Metrics
@@ -64,7 +64,7 @@ def concurrent_batches(settings: Settings, device: str) -> int:
 
 def inference_threads(settings: Settings, concurrency: int) -> int:
     """``model.num_threads``, with 0 resolved: the cores but one, shared by the concurrent batches."""
-    return settings.model.num_threads or max(1, (len(os.sched_getaffinity(0)) - 1) // concurrency)
+    return settings.model.num_threads or max(1, (available_cores() - 1) // concurrency)
 
 
 def pipeline_config(settings: Settings, concurrency: int | None = None) -> PipelineConfig:

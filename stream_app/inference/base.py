@@ -30,6 +30,7 @@ __all__ = [
     "EngineKind",
     "FloatArray",
     "Precision",
+    "available_cores",
     "engine_name",
     "estimate_bytes_per_token",
     "labels_from_config",
@@ -105,14 +106,17 @@ def softmax(logits: npt.NDArray[Any]) -> FloatArray:
     return x
 
 
-def resolve_num_threads(num_threads: int) -> int:
-    """``0`` means one thread per core this process may run on."""
-    if num_threads > 0:
-        return num_threads
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity on Linux, else the machine's count)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+def resolve_num_threads(num_threads: int) -> int:
+    """``0`` means one thread per core this process may run on."""
+    return num_threads if num_threads > 0 else available_cores()
 
 
 def read_model_config(path: str | Path) -> dict[str, Any]:
