@@ -53,7 +53,7 @@ from stream_app.perf_commands import (
     warm_up,
 )
 from stream_app.processes import exit_on_sigterm
-from stream_app.profiler import build_profile, write_profile
+from stream_app.profiler import profile_replay, write_profile
 from stream_app.replay import ReplayReport, build_corpus, load_texts, write_report
 from stream_app.settings import Settings, load_settings
 
@@ -149,13 +149,7 @@ class Bench:
     def _keep(self, report: ReplayReport, name: str) -> None:
         report.event_samples = report.event_samples[:3000]  # keep the file reviewable
         write_report(report, self.out_dir / name)
-        prof = build_profile(
-            report.stage_records,
-            report.event_samples,
-            report.resource_samples,
-            report,
-            max_batch_size=report.run.get("max_batch_size"),
-        )
+        prof = profile_replay(report)
         write_profile(prof, self.out_dir / name.replace("replay-", "profile-", 1), title=f"Profile of {name}")
         click.echo(f"profile {name}: bottleneck {prof.bottleneck} - {prof.bottleneck_reason}", err=True)
 

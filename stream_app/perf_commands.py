@@ -481,20 +481,14 @@ def _profile_prefix(source: Path) -> Path:
 @click.option("--out", default=None, help="Output prefix (default: replay-X -> profile-X beside it).")
 def profile(source: str, out: str | None) -> None:
     """Turn a recorded replay into a bottleneck report (Markdown + JSON + PNG) and print the bottleneck."""
-    from stream_app.profiler import build_profile, write_profile
+    from stream_app.profiler import profile_replay, write_profile
     from stream_app.replay import read_report
 
     try:
         report = read_report(source)
     except (OSError, ValueError) as exc:
         raise click.ClickException(f"cannot read the replay report {source}: {exc}") from exc
-    prof = build_profile(
-        report.stage_records,
-        report.event_samples,
-        report.resource_samples,
-        report,
-        max_batch_size=report.run.get("max_batch_size"),
-    )
+    prof = profile_replay(report)
     prefix = Path(out) if out else _profile_prefix(Path(source))
     paths = write_profile(prof, prefix, title=f"Profile of {Path(source).name}")
     click.echo(f"bottleneck: {prof.bottleneck} - {prof.bottleneck_reason}")

@@ -105,6 +105,7 @@ __all__ = [
     "ResourceSample",
     "ResourceSampler",
     "build_profile",
+    "profile_replay",
     "render_json",
     "render_markdown",
     "render_png",
@@ -444,6 +445,18 @@ def build_profile(
         }  # fmt: skip
     _diagnose(prof, rep)
     return prof
+
+
+def profile_replay(report: Any) -> Profile:
+    """:func:`build_profile` of a replay's report (a :class:`~stream_app.replay.ReplayReport`): its stage
+    records, event samples, resource samples and the batch size cap it ran with."""
+    return build_profile(
+        report.stage_records,
+        report.event_samples,
+        report.resource_samples,
+        report,
+        max_batch_size=report.run.get("max_batch_size"),
+    )
 
 
 def _batch_efficiency(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
