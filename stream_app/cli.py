@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from stream_app.errors import EmotionStreamError, ModelError
+from stream_app.errors import ModelError
 from stream_app.processes import exit_on_sigterm
 from stream_app.settings import Settings, load_settings
 
@@ -44,7 +44,9 @@ def main() -> None:
 def worker() -> None:
     """Run one worker against the cluster in EMOTION_STREAM_KAFKA__BOOTSTRAP_SERVERS."""
     settings = load_settings()
-    _setup_logging(settings.worker.log_level)
+    from stream_app.worker.logs import setup_logging
+
+    setup_logging(settings.worker.log_level)
     if not settings.kafka.bootstrap_servers:
         raise click.UsageError("set EMOTION_STREAM_KAFKA__BOOTSTRAP_SERVERS (or use `emotion-stream demo`)")
     # The tokenizer and the engine run in threads that need the GIL back the moment their C++ work ends;
@@ -55,27 +57,9 @@ def worker() -> None:
     if not settings.model.cpu_spin_wait:
         # OpenMP threads (PyTorch) sleep when idle instead of spinning; must be set before torch loads
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from stream_app.app import create_app, run_worker
-    from stream_app.metrics import serve_metrics
-    from stream_app.profiler import ResourceSampler
-    from stream_app.service import build_runtime
+    from stream_app.worker.run import run_worker
 
-    try:
-        runtime = build_runtime(settings)
-    except EmotionStreamError as exc:
-        raise click.ClickException(str(exc)) from exc
-    if settings.metrics.port:
-        server, _ = serve_metrics(runtime.metrics, settings.metrics.host, settings.metrics.port)
-        _log.info("metrics on http://%s:%d/metrics", settings.metrics.host, server.server_port)
-    # CPU, memory and (with pynvml) GPU gauges, sampled on a daemon thread off the hot path
-    sampler = ResourceSampler(runtime.metrics, settings.metrics.profile_sample_interval_s)
-    _log.info(sampler.gpu_note)
-    sampler.start()
-    parts = create_app(settings, runtime.pipeline_factory, runtime.metrics)
-    try:
-        run_worker(parts, settings.worker.log_level)
-    finally:
-        sampler.stop()
+    sys.exit(run_worker(settings))
 
 
 @main.command()

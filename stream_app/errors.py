@@ -14,6 +14,8 @@ EmotionStreamError                 base of everything raised on purpose here
 ├── BatcherClosed                  the batcher was closed (shutdown)
 ├── EngineError                    an inference engine failed (load or run)
 │   └── DeviceOutOfMemoryError     the accelerator ran out of memory (retriable: split the batch)
+├── OutputRejectedError            the broker refused one output record (too large, invalid): that
+│                                  record's problem, never the worker's
 └── InfrastructureError            the broker or the device is gone: stop without committing
 ```
 
@@ -35,6 +37,7 @@ __all__ = [
     "InfrastructureError",
     "InputError",
     "ModelError",
+    "OutputRejectedError",
     "QueueFull",
     "SchemaError",
     "TextTooLongError",
@@ -107,6 +110,13 @@ class DeviceOutOfMemoryError(EngineError):
     """The accelerator ran out of memory for this batch; a smaller batch may succeed."""
 
     retriable = True
+
+
+class OutputRejectedError(EmotionStreamError):
+    """The broker refused an output record for something about the record itself (its size, its format).
+
+    Sending the records of a refused batch one by one finds the culprit; it becomes a dead letter.
+    """
 
 
 class InfrastructureError(EmotionStreamError):

@@ -31,14 +31,15 @@ class Metrics:
         r = self.registry
         self.stage_seconds = Histogram(
             "emotion_stage_seconds",
-            "Time spent in one pipeline stage (per batch for batch stages, per message otherwise).",
+            "Time spent in one pipeline stage: per fetched chunk (decode, cache, tokenize), per batch (infer, "
+            "postprocess of a completion) or per produced group (produce).",
             ["stage"],
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
         self.queue_wait_seconds = Histogram(
             "emotion_queue_wait_seconds",
-            "Time a message waited between arrival and its batch closing.",
+            "Per batch: how long its oldest message waited between tokenisation and the batch starting.",
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
@@ -51,7 +52,8 @@ class Metrics:
         )
         self.end_to_end_seconds = Histogram(
             "emotion_end_to_end_seconds",
-            "From reading a message to the broker acknowledging its event.",
+            "Per produced group: from reading its oldest message to the broker acknowledging its output (an "
+            "upper bound for every message of the group).",
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
@@ -128,8 +130,44 @@ class Metrics:
             registry=r,
         )
         self.cold_start_seconds = Gauge(
-            "emotion_cold_start_seconds", "Model load to first prediction at start-up.", registry=r
+            "emotion_cold_start_seconds",
+            "Start-up, by phase: import (libraries), engine_load (model to first prediction), warmup, "
+            "kafka_join (group joined, partitions assigned), ready (launch to ready), all from process start.",
+            ["phase"],
+            registry=r,
         )
+        self.offset_resets_total = Counter(
+            "emotion_offset_resets_total",
+            "Input offsets that moved backwards past what this worker had seen (an out-of-range reset or a "
+            "rewind): everything from the new position is processed, nothing skipped.",
+            ["partition"],
+            registry=r,
+        )
+        self.consumer_lag_messages = Gauge(
+            "emotion_consumer_lag_messages",
+            "Input records not yet processed, per partition: read and unacknowledged plus not yet read "
+            "(up to the last stable offset; transaction markers are not counted).",
+            ["partition"],
+            registry=r,
+        )
+        self.consumer_lag_seconds = Gauge(
+            "emotion_consumer_lag_seconds",
+            "Age of the oldest unprocessed input record, per partition (0 when caught up).",
+            ["partition"],
+            registry=r,
+        )
+        self.partition_changes_total = Counter(
+            "emotion_partitions_changes_total",
+            "Times the input topic's partition count changed while the worker ran.",
+            registry=r,
+        )
+        self.l2_rebuilds_total = Counter(
+            "emotion_l2_rebuilds_total",
+            "Local table partitions discarded and rebuilt from their changelog, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.ready = Gauge("emotion_ready", "1 when the worker is ready (see /readyz), else 0.", registry=r)
 
 
 def serve_metrics(metrics: Metrics, host: str, port: int) -> tuple[WSGIServer, threading.Thread]:

@@ -34,7 +34,17 @@ __all__ = [
 ]
 
 CacheLevel = Literal["l1", "l2", "batch", "none"]
-DeadLetterReason = Literal["undecodable", "too_large", "schema", "empty_text", "text_too_long", "inference_failed"]
+DeadLetterReason = Literal[
+    "undecodable",
+    "too_large",
+    "schema",
+    "empty_text",
+    "text_too_long",
+    "inference_failed",
+    "output_failed",
+    "crash_loop",
+]
+DeadLetterStage = Literal["decode", "validate", "cache", "tokenize", "infer", "output"]
 
 
 def rfc3339(ts: float) -> str:
@@ -202,7 +212,7 @@ class DeadLetter(_Out):
 
     schema_: Literal["dead_letter.v1"] = Field("dead_letter.v1", alias="schema")
     reason: DeadLetterReason
-    stage: Literal["decode", "validate", "tokenize", "infer"]
+    stage: DeadLetterStage
     error_class: str
     error_message: str
     source: SourceRef
@@ -218,7 +228,7 @@ class DeadLetter(_Out):
         cls,
         *,
         reason: DeadLetterReason,
-        stage: Literal["decode", "validate", "tokenize", "infer"],
+        stage: DeadLetterStage,
         error: BaseException,
         source: SourceRef,
         raw_key: bytes | None,

@@ -1,7 +1,7 @@
-"""Build the worker's parts from settings: model path, engine, encoder, caches and the pipeline.
+"""Load the model from settings: model path, engine (selection, parity gate, warm-up) and tokenizer.
 
-No broker here: ``cli.py`` and the tests call :func:`build_runtime`, then hand
-:meth:`Runtime.pipeline_factory` to :func:`stream_app.app.create_app`.
+No broker here: the worker (``stream_app.worker``) calls :func:`build_runtime` in a thread while Faust joins
+the group, and builds the pipeline around what it returns.
 """
 
 from __future__ import annotations
@@ -13,14 +13,11 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from stream_app.cache.admission import Admission, AlwaysAdmit, SecondSightingAdmission
-from stream_app.cache.lru import TtlLru
 from stream_app.errors import ModelError
 from stream_app.inference.base import Engine, available_cores
 from stream_app.inference.select import SelectionReport, load_engine, resolve_device, warm_up
 from stream_app.inference.tokenize import TextEncoder
 from stream_app.metrics import Metrics
-from stream_app.pipeline import L1Entry, Pipeline, PipelineConfig, Sink
 from stream_app.settings import Settings
 
 __all__ = [
@@ -29,7 +26,6 @@ __all__ = [
     "concurrent_batches",
     "inference_threads",
     "parity_texts",
-    "pipeline_config",
     "resolve_model_path",
 ]
 
@@ -67,64 +63,19 @@ def inference_threads(settings: Settings, concurrency: int) -> int:
     return settings.model.num_threads or max(1, (available_cores() - 1) // concurrency)
 
 
-def pipeline_config(settings: Settings, concurrency: int | None = None) -> PipelineConfig:
-    """The pipeline's plain values; ``concurrency`` is the resolved ``concurrent_batches`` (default 1)."""
-    b, m, c = settings.batching, settings.model, settings.cache
-    return PipelineConfig(
-        worker_id=settings.worker.worker_id,
-        max_batch_size=b.max_batch_size,
-        max_batch_tokens=b.max_batch_tokens,
-        max_wait_s=b.max_wait_ms / 1000.0,
-        queue_capacity=b.queue_capacity,
-        group_by_length=b.group_by_length,
-        adaptive=b.adaptive,
-        target_batch_s=b.target_batch_p99_ms / 1000.0,
-        min_batch_tokens=b.min_batch_tokens,
-        max_batch_tokens_ceiling=b.max_batch_tokens_ceiling,
-        overlong_reject=m.overlong == "reject",
-        max_message_bytes=m.max_message_bytes,
-        max_text_chars=m.max_text_chars,
-        l2_ttl_s=c.l2_ttl_s,
-        l2_enabled=c.l2_enabled,
-        concurrent_batches=concurrency or b.concurrent_batches or 1,
-        overlap_full_batches_only=b.overlap_full_batches_only,
-    )
-
-
 @dataclass
 class Runtime:
-    """The loaded model and caches, ready to be wired to a broker."""
+    """The loaded model, ready to be wired to a broker."""
 
     settings: Settings
     metrics: Metrics
     engine: Engine
     encoder: TextEncoder
     selection: SelectionReport
-    l1: TtlLru[bytes, L1Entry] | None
-    admission: Admission | None
-    warm_entries: list[tuple[str, L1Entry]] = field(default_factory=list)
     concurrent_batches: int = 1
-
-    def pipeline_factory(self, sink: Sink) -> Pipeline:
-        pipeline = Pipeline(
-            engine=self.engine,
-            encoder=self.encoder,
-            sink=sink,
-            config=pipeline_config(self.settings, self.concurrent_batches),
-            metrics=self.metrics,
-            l1=self.l1,
-            admission=self.admission,
-        )
-        if self.warm_file_phrases:
-            pipeline.warm(self.warm_file_phrases)
-        return pipeline
-
-    @property
-    def warm_file_phrases(self) -> list[str]:
-        path = self.settings.cache.warm_file
-        if path is None:
-            return []
-        return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    inference_threads: int = 1
+    load_s: float = 0.0
+    warm_file_phrases: list[str] = field(default_factory=list)
 
 
 def build_runtime(settings: Settings, metrics: Metrics | None = None) -> Runtime:
@@ -161,7 +112,7 @@ def build_runtime(settings: Settings, metrics: Metrics | None = None) -> Runtime
     warm_up(engine, encoder, samples)
     _log.info("inference: %d concurrent batch(es), %d intra-op thread(s) each on a CPU", concurrency, threads)
     cold = time.perf_counter() - t0
-    metrics.cold_start_seconds.set(cold)
+    metrics.cold_start_seconds.labels("engine_load").set(cold)
     info = engine.info
     metrics.engine_info.labels(f"{info.kind}-{info.precision}", info.device, info.model_version).set(1)
     _log.info(
@@ -173,11 +124,18 @@ def build_runtime(settings: Settings, metrics: Metrics | None = None) -> Runtime
         info.device,
         cold,
     )
-    c = settings.cache
-    l1: TtlLru[bytes, L1Entry] | None = TtlLru(max_entries=c.l1_max_entries, ttl_s=c.l1_ttl_s) if c.l1_enabled else None
-    admission: Admission | None
-    if c.admission == "second_sighting":
-        admission = SecondSightingAdmission(capacity=max(1024, c.l2_max_entries_per_partition))
-    else:
-        admission = AlwaysAdmit()
-    return Runtime(settings, metrics, engine, encoder, report, l1, admission, concurrent_batches=concurrency)
+    phrases: list[str] = []
+    if settings.cache.warm_file is not None:
+        text = Path(settings.cache.warm_file).read_text(encoding="utf-8")
+        phrases = [line.strip() for line in text.splitlines() if line.strip()]
+    return Runtime(
+        settings,
+        metrics,
+        engine,
+        encoder,
+        report,
+        concurrent_batches=concurrency,
+        inference_threads=threads,
+        load_s=cold,
+        warm_file_phrases=phrases,
+    )

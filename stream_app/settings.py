@@ -82,6 +82,43 @@ class KafkaSettings(_Group):
     producer_acks: Literal["all", "1"] = Field(
         "all", description="Producer acks. 'all' is what makes 'acknowledged by the broker' mean durable."
     )
+    compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+        "none",
+        description="Kafka compression.type of what the worker produces. lz4 and zstd cut network and disk "
+        "several-fold for JSON events at a little producer CPU; 'none' is cheapest on loopback. Input in "
+        "any codec is always read (all five are checked at start-up).",
+    )
+    max_request_size_bytes: int = Field(
+        1024 * 1024,
+        ge=64 * 1024,
+        description="Producer max.request.size, and the bound every dead letter is built under (its raw "
+        "key and value are cut to fit). Keep it at or below the broker's and topics' max.message.bytes.",
+    )
+    max_poll_records: int = Field(
+        2048,
+        ge=1,
+        description="Most records one fetch hands the pipeline (Kafka max.poll.records). Larger chunks "
+        "amortise per-chunk work under a backlog; the in-flight bound still applies.",
+    )
+    metadata_max_age_s: float = Field(
+        30.0,
+        gt=0,
+        description="Consumer metadata.max.age.ms in seconds: how soon partitions added to the input topic "
+        "are noticed and consumed. Lower notices sooner at the cost of a metadata request that often.",
+    )
+    commit_interval_s: float = Field(
+        1.0,
+        gt=0,
+        description="How often acknowledged input offsets are committed. Longer commits less often but "
+        "re-processes more messages after a crash (at-least-once).",
+    )
+    unavailable_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="The worker stops (non-zero exit, for its supervisor to restart it) when no broker "
+        "answered for this long. Readiness turns 503 much sooner; this bounds how long a worker sits "
+        "cut off holding partitions.",
+    )
 
 
 class TopicSettings(_Group):
@@ -113,14 +150,16 @@ class BatchingSettings(_Group):
     max_wait_ms: float = Field(
         10.0,
         ge=0,
-        description="A batch closes at the latest this long after its oldest message arrived. Lower cuts "
-        "latency at light load; higher packs fuller batches.",
+        description="While a batch is being inferred, the next one starts at the latest this long after "
+        "its oldest message arrived (earlier when full). An idle engine never waits: a lone message runs "
+        "at once. Lower cuts latency at moderate load; higher packs fuller batches.",
     )
     queue_capacity: int = Field(
-        1024,
+        4096,
         ge=1,
-        description="Most messages waiting to be batched. A full queue stops consumption (backpressure) "
-        "instead of growing memory.",
+        description="Most messages read from Kafka and not yet acknowledged by the broker (queued, in "
+        "batches or being produced). At the bound the consumer waits (backpressure) instead of growing "
+        "memory; larger absorbs bursts and fills batches, but more is re-read after a crash.",
     )
     group_by_length: bool = Field(
         True, description="Fill a batch with messages of similar token length to cut padding."
@@ -150,13 +189,8 @@ class BatchingSettings(_Group):
         description="Batches the engine runs at once, each in its own thread (ONNX Runtime and PyTorch are "
         "thread-safe). 0 = 2 on a CPU, 1 on CUDA. On 2 cores, two single-threaded batches drained 1,004 "
         "msg/s against 672 for one two-threaded batch at a time (benchmarks/drain.py): no fork-join "
-        "inside a batch, and one core keeps computing while the other batch waits on the event loop.",
-    )
-    overlap_full_batches_only: bool = Field(
-        True,
-        description="With concurrent_batches > 1, start a batch while another runs only when it is full "
-        "(count or token cap); one closed by age waits for the running batch. Keeps batches large at "
-        "moderate load, where many small batches cost more per message, and overlaps them under backlog.",
+        "inside a batch, and one core keeps computing while the other batch waits on the event loop. A "
+        "second batch starts only when full or aged (max_wait_ms).",
     )
 
     @model_validator(mode="after")
@@ -280,6 +314,28 @@ class WorkerSettings(_Group):
         description="Threads of the Rust tokenizer's pool (RAYON_NUM_THREADS, unless already set); 0 = "
         "min(4, cores). On a 16-core GPU host a pool on every core slowed the inference thread's kernel "
         "launches: fp16 p99 batch time 64 ms with all 16 cores vs 17 ms with 4 (benchmarks/gpu.py).",
+    )
+
+    shutdown_timeout_s: float = Field(
+        15.0,
+        gt=0,
+        description="Once the worker decided to stop (SIGTERM, SIGINT, a crash, a lost broker) the process "
+        "exits within this long whatever state Faust and the broker are in; unacknowledged work stays "
+        "uncommitted. Keep it under the supervisor's grace period (Kubernetes: 30 s by default).",
+    )
+    revoke_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="On a rebalance, how long revoked partitions' in-flight messages may finish and be "
+        "committed before the rest is left to the next owner (re-read, at-least-once). Longer means fewer "
+        "duplicates but a slower rebalance; keep it well under session_timeout_s.",
+    )
+    max_record_crashes: int = Field(
+        3,
+        ge=1,
+        description="A record that was in native code (tokenizer, engine) each of this many times the "
+        "process died is dead-lettered (reason crash_loop) instead of crash-looping its partition. "
+        "Counted per worker in <state_dir>/crash-ledger.json; suspects are processed alone.",
     )
 
     def resolved_tokenizer_threads(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stream_app.service import concurrent_batches, inference_threads, pipeline_config
+from stream_app.service import concurrent_batches, inference_threads
 from stream_app.settings import Settings
 
 pytestmark = pytest.mark.unit
@@ -26,8 +26,3 @@ def test_inference_threads_share_the_cores_but_one(
     assert inference_threads(Settings(), concurrency) == expected
     monkeypatch.setenv("EMOTION_STREAM_MODEL__NUM_THREADS", "5")
     assert inference_threads(Settings(), concurrency) == 5
-
-
-def test_pipeline_config_takes_the_resolved_concurrency() -> None:
-    assert pipeline_config(Settings(), 2).concurrent_batches == 2
-    assert pipeline_config(Settings()).concurrent_batches == 1

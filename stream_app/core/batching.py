@@ -1,6 +1,6 @@
 """The batcher: a bounded queue that closes batches on count, padded tokens or age.
 
-Three pieces, none of which knows about Kafka or the model:
+Two pieces, neither of which knows about Kafka or the model:
 
 * :class:`Batcher` is the synchronous core. Items arrive with their token count; :meth:`Batcher.take`
   forms one :class:`Batch` that always holds the oldest pending item (no starvation), filled either with
@@ -9,24 +9,20 @@ Three pieces, none of which knows about Kafka or the model:
   (longest sequence x batch size, as in text-embeddings-inference), except that an item longer than the
   budget on its own forms a batch alone. Time comes from an injected clock, so flush-on-age is tested
   without sleeping; a batch's age is that of its oldest item (aiokafka's linger).
-* :class:`AsyncBatcher` puts it on the event loop: ``put`` waits while the queue is full (backpressure),
-  ``get`` returns as soon as a batch is ready or the oldest item's deadline passes. One consumer calls
-  ``get`` in a loop and runs each batch; while one batch runs, the next one forms (one in flight, one
-  forming, like TEI's ``channel(1)``).
 * :class:`AdaptiveBudget` moves the padded-token budget so that batch time stays under a target, halves
   it on out-of-memory, and respects an external cap (free device memory).
 
-Everything here runs on the event loop thread only; none of it is thread-safe.
+The classifier (``stream_app.core.classifier``) puts the batcher on the event loop and decides when a
+batch starts. Everything here runs on the event loop thread only; none of it is thread-safe.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from bisect import bisect_left, insort
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
@@ -34,7 +30,6 @@ from stream_app.errors import BatcherClosed, ConfigError, QueueFull
 
 __all__ = [
     "AdaptiveBudget",
-    "AsyncBatcher",
     "Batch",
     "Batcher",
     "BatcherClosed",
@@ -349,151 +344,6 @@ class Batcher(Generic[T]):
         positions = sorted((bisect_left(self._by_len, (e.tokens, e.seq)) for e in chosen), reverse=True)
         for p in positions:
             del self._by_len[p]
-
-
-class AsyncBatcher(Generic[T]):
-    """A :class:`Batcher` on the event loop, with backpressure and flush-on-deadline.
-
-    Exactly one consumer calls :meth:`get` (a second concurrent ``get`` raises ``RuntimeError``); any
-    number of producers call :meth:`put`. The clock is the wrapped batcher's; ``sleep`` is injectable so
-    tests advance a fake clock instead of waiting.
-
-    Args:
-        batcher: The synchronous core (its capacity bounds the queue).
-        sleep: Awaitable sleep in seconds, ``asyncio.sleep`` by default.
-    """
-
-    def __init__(self, batcher: Batcher[T], *, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
-        self._b = batcher
-        self._sleep = sleep
-        self._closed = False
-        self._wakeup: asyncio.Future[None] | None = None
-        self._getting = False
-        self._space_waiters: deque[asyncio.Future[None]] = deque()
-
-    @property
-    def batcher(self) -> Batcher[T]:
-        return self._b
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def __len__(self) -> int:
-        return len(self._b)
-
-    async def put(self, item: T, tokens: int) -> None:
-        """Queue an item, waiting while the queue is full.
-
-        Raises:
-            BatcherClosed: The batcher is (or becomes, while waiting) closed.
-        """
-        while self._b.is_full():
-            if self._closed:
-                raise BatcherClosed("batcher closed")
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._space_waiters.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                # Woken for a free slot but cancelled before using it: hand the slot to the next producer.
-                if waiter.done() and not waiter.cancelled():
-                    self._release_space()
-                raise
-        self.put_nowait(item, tokens)
-
-    def put_nowait(self, item: T, tokens: int) -> None:
-        """Queue an item now.
-
-        Raises:
-            QueueFull: The queue is at capacity.
-            BatcherClosed: The batcher is closed.
-        """
-        if self._closed:
-            raise BatcherClosed("batcher closed")
-        self._b.add(item, tokens)
-        # Wake the consumer only when it has something new to do: start its deadline timer (first item)
-        # or close a batch early (a cap reached). Other arrivals would only cost it a wasted wake-up.
-        if len(self._b) == 1 or self._b.ready(self._b.now()):
-            self._wake()
-
-    async def get(self, *, full_only: Callable[[], bool] | None = None) -> Batch[T]:
-        """The next batch: as soon as one is ready, else when the oldest item's deadline passes.
-
-        After :meth:`close`, returns what remains (possibly not ready: reason ``drain``) and then raises.
-
-        Args:
-            full_only: while this returns True, only a full batch (count or token cap) is taken and the
-                age deadline is not waited for; it is asked again at every wake-up, and :meth:`poke`
-                wakes the waiter when its answer may have changed.
-
-        Raises:
-            BatcherClosed: Closed and drained.
-            RuntimeError: Another ``get`` is in progress.
-        """
-        if self._getting:
-            raise RuntimeError("AsyncBatcher.get() has one consumer; another get() is in progress")
-        self._getting = True
-        loop = asyncio.get_running_loop()
-        timer: asyncio.Future[None] | None = None
-        try:
-            while True:
-                now = self._b.now()
-                strict = full_only is not None and full_only()
-                if len(self._b) and (self._closed or (self._b.full() if strict else self._b.ready(now))):
-                    batch = self._b.take(now)
-                    assert batch is not None
-                    self._release_space()
-                    return batch
-                if self._closed:
-                    raise BatcherClosed("batcher closed and drained")
-                if timer is not None and timer.done():
-                    timer.result()  # surface a failing injected sleep
-                    timer = None  # woke a hair early (clock resolution): sleep the remainder
-                wakeup: asyncio.Future[None] = loop.create_future()
-                self._wakeup = wakeup
-                if timer is None and not strict:
-                    deadline = self._b.deadline()
-                    # The deadline cannot move while we wait: only this consumer removes items.
-                    if deadline is not None:
-                        timer = asyncio.ensure_future(self._sleep(max(0.0, deadline - now)))
-                        timer.add_done_callback(self._on_timer)
-                await wakeup
-        finally:
-            self._getting = False
-            self._wakeup = None
-            if timer is not None and not timer.done():
-                timer.cancel()
-
-    def poke(self) -> None:
-        """Wake a waiting ``get`` to re-check its conditions (e.g. its ``full_only`` answer changed)."""
-        self._wake()
-
-    def close(self) -> None:
-        """Refuse new items; ``get`` drains what is left and then raises :class:`BatcherClosed`."""
-        self._closed = True
-        self._wake()
-        while self._space_waiters:
-            w = self._space_waiters.popleft()
-            if not w.done():
-                w.set_result(None)
-
-    def _on_timer(self, _: asyncio.Future[None]) -> None:
-        self._wake()
-
-    def _wake(self) -> None:
-        w = self._wakeup
-        if w is not None and not w.done():
-            w.set_result(None)
-
-    def _release_space(self) -> None:
-        # Wake producers in arrival order, one per freed slot; each re-checks on waking.
-        free = self._b.capacity - len(self._b)
-        while free > 0 and self._space_waiters:
-            w = self._space_waiters.popleft()
-            if not w.done():
-                w.set_result(None)
-                free -= 1
 
 
 class AdaptiveBudget:

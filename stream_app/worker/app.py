@@ -1,0 +1,518 @@
+"""The worker: Faust for the group, the cache table and timers; the core pipeline for everything else.
+
+```
+EmotionConsumer (Faust's aiokafka consumer, read_committed) ── a fetched chunk ──► on_chunk
+    └─► Pipeline.feed (core: intake, cache, classifier, emitter) ──► KafkaSink (aiokafka batches)
+timers: commit acknowledged offsets · lag gauges · health snapshot · L2 sweep · broker check
+signals: partitions assigned / revoked (bounded drain, final commit)
+```
+
+Start-up overlaps the slow parts: the model loads in a thread (:func:`stream_app.service.build_runtime`)
+while Faust joins the group and recovers the table; chunks wait for the pipeline, never the reverse.
+Stopping is bounded (:class:`~stream_app.worker.faust_glue.Watchdog`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+from stream_app.cache.admission import Admission, SecondSightingAdmission
+from stream_app.cache.keys import ModelIdentity, cache_key, normalise
+from stream_app.cache.lru import TtlLru
+from stream_app.cache.tiered import L1Entry, ResultCache, plan_sweep
+from stream_app.core.classifier import ClassifierConfig
+from stream_app.core.crash_ledger import CrashLedger
+from stream_app.core.emitter import EmitterConfig
+from stream_app.core.intake import Intake
+from stream_app.core.pipeline import Pipeline
+from stream_app.core.slots import RecordLike, Result
+from stream_app.errors import InfrastructureError
+from stream_app.metrics import Metrics
+from stream_app.service import Runtime
+from stream_app.settings import Settings
+from stream_app.worker import faust_glue
+from stream_app.worker.credentials import faust_credentials
+from stream_app.worker.faust_glue import EmotionApp, FaustL2Store, Watchdog
+from stream_app.worker.health import Health
+from stream_app.worker.sink import KafkaSink
+
+__all__ = ["CACHE_TABLE", "Worker", "changelog_topic", "faust_broker_urls"]
+
+_log = logging.getLogger(__name__)
+
+CACHE_TABLE = "emotion-cache-v1"
+
+
+def faust_broker_urls(bootstrap_servers: str) -> list[str]:
+    """``host1:9092,host2:9092`` as the URL list Faust expects."""
+    hosts = [h.strip() for h in bootstrap_servers.split(",") if h.strip()]
+    if not hosts:
+        raise InfrastructureError("no Kafka bootstrap servers given (EMOTION_STREAM_KAFKA__BOOTSTRAP_SERVERS)")
+    return [h if "://" in h else f"kafka://{h}" for h in hosts]
+
+
+def changelog_topic(settings: Settings, table: str = CACHE_TABLE) -> str:
+    """The changelog topic Faust names for ``table`` of this app."""
+    return f"{settings.worker.app_id}-{table}-changelog"
+
+
+@dataclass
+class _Partitions:
+    assigned: set[int] = field(default_factory=set)
+    initialised: set[int] = field(default_factory=set)
+
+
+class Worker:
+    """One worker process: builds the Faust app and drives the pipeline from it.
+
+    Args:
+        settings: The frozen settings.
+        metrics: The collectors (served by the health server).
+        health: The probe snapshot this worker keeps current.
+        input_partitions: The input topic's partition count, read at start-up (the cache table gets as
+            many, so it is co-partitioned with the input).
+        runtime: The model being loaded in a thread.
+        watchdog: Bounds the stop once it begins.
+        started_at: Monotonic time of the process start (for the start-up phase gauges).
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        metrics: Metrics,
+        health: Health,
+        input_partitions: int,
+        runtime: concurrent.futures.Future[Runtime],
+        watchdog: Watchdog,
+        started_at: float,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.health = health
+        self.input_partitions = input_partitions
+        self.runtime_future = runtime
+        self.watchdog = watchdog
+        self.started_at = started_at
+        self.topic = settings.topics.input
+        self.pipeline: Pipeline | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self.l2: FaustL2Store | None = None
+        self._ready = asyncio.Event()
+        self._parts = _Partitions()
+        self._generation = -1
+        self._last_broker_ok = time.monotonic()
+        self._first_event_logged = False
+        self._stopping = False
+        self.app = self._build_app()
+
+    # ------------------------------------------------------------------ Faust app
+    def _build_app(self) -> EmotionApp:
+        s = self.settings
+        kafka = s.kafka
+        store_url = faust_glue.register_store()
+        faust_glue.ConsistentRocksStore.discard_hook = self._on_store_discard
+        app = EmotionApp(
+            s.worker.app_id,
+            broker=faust_broker_urls(kafka.bootstrap_servers),
+            broker_client_id=kafka.client_id,
+            broker_credentials=faust_credentials(kafka),
+            store=store_url,
+            datadir=str(s.worker.state_dir),
+            processing_guarantee="at_least_once",
+            web_enabled=False,
+            topic_partitions=self.input_partitions,
+            topic_replication_factor=s.topics.replication_factor,
+            topic_allow_declare=True,
+            topic_disable_leader=False,
+            consumer_auto_offset_reset="earliest",
+            broker_session_timeout=kafka.session_timeout_s,
+            broker_heartbeat_interval=kafka.heartbeat_interval_s,
+            broker_commit_interval=kafka.commit_interval_s,
+            broker_max_poll_records=min(kafka.max_poll_records, s.batching.queue_capacity),
+            consumer_metadata_max_age_ms=int(kafka.metadata_max_age_s * 1000),
+            producer_acks=-1 if kafka.producer_acks == "all" else 1,
+            producer_linger_ms=kafka.producer_linger_ms,
+            producer_max_request_size=kafka.max_request_size_bytes,
+            stream_wait_empty=False,
+            table_standby_replicas=0,
+            logging_config=None,
+        )
+        consumer_cls = faust_glue.EmotionConsumer
+        consumer_cls.chunk_topics = frozenset({self.topic})
+        consumer_cls.chunk_handler = self._on_chunk
+        input_topic = app.topic(
+            self.topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw", acks=False
+        )
+        app.topics.add(input_topic)
+        if s.cache.l2_enabled:
+            table: Any = app.Table(
+                CACHE_TABLE,
+                default=None,
+                partitions=self.input_partitions,
+                key_type=bytes,  # bytes key and value types make Faust use the raw codec
+                value_type=bytes,
+                store=store_url,
+                options={"driver": "rocksdict"},
+                help="L2 result cache: key = hash(normalised text + model identity), value = codec bytes",
+            )
+            changelog = table.changelog_topic_name
+            self.l2 = FaustL2Store(table, lambda: app.consumer.topic_partitions(changelog))
+        app.on_partitions_assigned.connect(self._on_assigned)
+        app.on_partitions_revoked.connect(self._on_revoked)
+        app.on_before_shutdown.connect(self._on_shutdown)
+        app.task(self._startup)
+        app.timer(interval=s.kafka.commit_interval_s)(self._commit_tick)
+        app.timer(interval=1.0)(self._observe_tick)
+        app.timer(interval=5.0)(self._broker_tick)
+        app.timer(interval=s.cache.sweep_interval_s)(self._sweep_tick)
+        return app
+
+    # ------------------------------------------------------------------ start-up
+    async def _startup(self) -> None:
+        s = self.settings
+        kafka = s.kafka
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=kafka.bootstrap_servers,
+            client_id=f"{kafka.client_id}-out",
+            acks="all" if kafka.producer_acks == "all" else 1,
+            linger_ms=kafka.producer_linger_ms,
+            max_batch_size=min(512 * 1024, kafka.max_request_size_bytes),
+            max_request_size=kafka.max_request_size_bytes,
+            compression_type=None if kafka.compression_type == "none" else kafka.compression_type,
+            enable_idempotence=kafka.producer_acks == "all",
+            request_timeout_ms=int(max(30.0, kafka.session_timeout_s) * 1000),
+        )
+        await self.producer.start()
+        runtime = await asyncio.wrap_future(self.runtime_future)
+        self.pipeline = self._build_pipeline(runtime)
+        await self.pipeline.start()
+        self._ready.set()
+        _log.info("pipeline ready %.2f s after launch", time.monotonic() - self.started_at)
+
+    def _build_pipeline(self, rt: Runtime) -> Pipeline:
+        s = self.settings
+        b, m, c = s.batching, s.model, s.cache
+        info = rt.engine.info
+        identity = ModelIdentity(
+            name=info.model_name, version=info.model_version, runtime=info.kind, precision=info.precision
+        )
+        l1: TtlLru[bytes, L1Entry] | None = (
+            TtlLru(max_entries=c.l1_max_entries, ttl_s=c.l1_ttl_s) if c.l1_enabled else None
+        )
+        admission: Admission | None = None
+        if c.admission == "second_sighting":
+            admission = SecondSightingAdmission(capacity=max(1024, c.l2_max_entries_per_partition))
+        cache = ResultCache(
+            l1=l1,
+            l2=self.l2 if c.l2_enabled else None,
+            admission=admission,
+            l2_ttl_s=c.l2_ttl_s,
+            n_labels=len(rt.engine.labels),
+            metrics=self.metrics,
+        )
+        if l1 is not None and rt.warm_file_phrases:
+            self._warm_l1(rt, l1, identity, rt.warm_file_phrases)
+        assert self.producer is not None
+        ledger = CrashLedger(s.worker.state_dir / "crash-ledger.json", max_strikes=s.worker.max_record_crashes)
+        return Pipeline(
+            engine=rt.engine,
+            encoder=rt.encoder,
+            sink=KafkaSink(self.producer),
+            intake=Intake(
+                max_message_bytes=m.max_message_bytes,
+                max_text_chars=m.max_text_chars,
+                overlong_reject=m.overlong == "reject",
+                identity=identity,
+            ),
+            cache=cache,
+            classifier_config=ClassifierConfig(
+                max_batch_size=b.max_batch_size,
+                max_batch_tokens=b.max_batch_tokens,
+                max_wait_s=b.max_wait_ms / 1000.0,
+                capacity=2 * b.queue_capacity + s.kafka.max_poll_records,
+                group_by_length=b.group_by_length,
+                adaptive=b.adaptive,
+                target_batch_s=b.target_batch_p99_ms / 1000.0,
+                min_batch_tokens=b.min_batch_tokens,
+                max_batch_tokens_ceiling=b.max_batch_tokens_ceiling,
+                overlong_reject=m.overlong == "reject",
+                concurrent_batches=rt.concurrent_batches,
+            ),
+            emitter_config=EmitterConfig(
+                events_topic=s.topics.events,
+                dead_letters_topic=s.topics.dead_letters,
+                metrics_topic=s.topics.metrics,
+                worker_id=s.worker.worker_id,
+                labels=tuple(rt.engine.labels),
+                model={
+                    "name": info.model_name,
+                    "version": info.model_version,
+                    "runtime": info.runtime,
+                    "precision": info.precision,
+                    "device": info.device,
+                },
+                engine=f"{info.kind}-{info.precision}",
+                max_record_bytes=s.kafka.max_request_size_bytes,
+                max_raw_bytes=m.max_message_bytes,
+            ),
+            max_in_flight=b.queue_capacity,
+            metrics=self.metrics,
+            on_fatal=self.fatal,
+            ledger=ledger,
+        )
+
+    @staticmethod
+    def _warm_l1(rt: Runtime, l1: TtlLru[bytes, L1Entry], identity: ModelIdentity, phrases: list[str]) -> None:
+        texts = list(dict.fromkeys(normalise(p) for p in phrases if p.strip()))
+        step = rt.settings.batching.max_batch_size
+        for start in range(0, len(texts), step):
+            chunk = texts[start : start + step]
+            encoded = rt.encoder.encode(chunk)
+            probs = rt.engine.predict(rt.encoder.pad(encoded))
+            for text, enc, row in zip(chunk, encoded, probs.tolist(), strict=True):
+                result = Result(max(range(len(row)), key=row.__getitem__), tuple(row), enc.truncated)
+                l1.put(cache_key(text, identity), L1Entry(result))
+        _log.info("warmed L1 with %d phrase(s)", len(texts))
+
+    # ------------------------------------------------------------------ the hot path
+    async def _on_chunk(self, topic: str, parts: Mapping[int, Sequence[RecordLike]], generation: int) -> None:
+        if not self._ready.is_set():
+            await self._ready.wait()
+        pipeline = self.pipeline
+        assert pipeline is not None
+        if pipeline.failed is not None or self._stopping:
+            await asyncio.sleep(0.1)  # stopping: nothing more is taken
+            return
+        if generation != self._generation:
+            self._generation = generation
+            self._parts.initialised.clear()
+        fresh = [p for p in parts if p not in self._parts.initialised]
+        if fresh:
+            await self._init_lanes(topic, fresh, parts)
+        await pipeline.feed(topic, parts)
+        if not self._first_event_logged:
+            self._first_event_logged = True
+            self.metrics.cold_start_seconds.labels("first_chunk").set(time.monotonic() - self.started_at)
+
+    async def _init_lanes(self, topic: str, fresh: list[int], parts: Mapping[int, Sequence[RecordLike]]) -> None:
+        """First chunk of a partition in this assignment: tell the pipeline its committed offset, and warn
+        when the committed offset was out of range (below the log start: deleted before processing)."""
+        assert self.pipeline is not None
+        committed = {p: faust_glue.committed_offset(self.app, topic, p) for p in fresh}
+        self.pipeline.assigned(committed)
+        self._parts.initialised.update(fresh)
+        ahead = [p for p in fresh if committed[p] is not None and parts[p][0].offset > committed[p]]  # type: ignore[operator]
+        if not ahead:
+            return
+        from faust.types import TP
+
+        try:
+            earliest = await self.app.consumer.earliest_offsets(*(TP(topic, p) for p in ahead))
+        except Exception as exc:  # noqa: BLE001 -- only a diagnostic; processing goes on
+            _log.debug("cannot read log start offsets: %r", exc)
+            return
+        for p in ahead:
+            start = earliest.get(TP(topic, p))
+            c = committed[p]
+            if start is not None and c is not None and c < start:
+                self.metrics.offset_resets_total.labels(str(p)).inc()
+                _log.warning(
+                    "partition %d: committed offset %d is below the log start %d (records %d..%d were deleted "
+                    "before this group processed them); resuming at %d",
+                    p,
+                    c,
+                    start,
+                    c,
+                    start - 1,
+                    parts[p][0].offset,
+                )
+
+    # ------------------------------------------------------------------ rebalances
+    async def _on_assigned(self, sender: Any, /, *args: Any, signal: Any = None, **kwargs: Any) -> None:
+        assigned = args[0] if args else kwargs.get("assigned", ())
+        mine = {tp.partition for tp in assigned if tp.topic == self.topic}
+        self._parts.assigned = mine
+        self._parts.initialised -= mine  # their lanes start afresh (committed offset read on first chunk)
+        self.metrics.assigned_partitions.set(len(mine))
+        changelog_n = None
+        if self.l2 is not None:
+            changelog_n = self.app.consumer.topic_partitions(self.l2.table.changelog_topic_name)
+        known = self.app.consumer.topic_partitions(self.topic)
+        if known is not None and known != self.input_partitions:
+            self.metrics.partition_changes_total.inc()
+            _log.warning("input topic %s now has %d partitions (was %d)", self.topic, known, self.input_partitions)
+            self.input_partitions = known
+        if changelog_n is not None and known is not None and changelog_n < known:
+            self.app.add_future(self._grow_changelog(known))
+
+    async def _grow_changelog(self, partitions: int) -> None:
+        """The input grew: grow the cache changelog to match, so the assignor co-partitions them again.
+
+        Until the next rebalance the new partitions run without L2 (skipped, counted, a cache only).
+        """
+        from stream_app.worker.startup import align_changelog
+
+        assert self.l2 is not None
+        try:
+            await align_changelog(self.settings, self.l2.table.changelog_topic_name, partitions)
+            self.metrics.l2_rebuilds_total.labels("partitions_added").inc()
+        except Exception as exc:  # noqa: BLE001 -- the cache works without the new partitions meanwhile
+            _log.warning("cannot add partitions to the cache changelog: %r", exc)
+
+    async def _on_revoked(self, sender: Any, /, *args: Any, signal: Any = None, **kwargs: Any) -> None:
+        revoked = args[0] if args else kwargs.get("revoked", ())
+        mine = sorted(tp.partition for tp in revoked if tp.topic == self.topic)
+        pipeline = self.pipeline
+        if not mine or pipeline is None:
+            return
+        timeout = min(self.settings.worker.revoke_timeout_s, self.settings.kafka.session_timeout_s / 3)
+        final = await pipeline.revoke(mine, timeout)
+        if final and pipeline.failed is None:
+            try:
+                await faust_glue.commit(self.app, self.topic, final)
+            except Exception as exc:  # noqa: BLE001 -- not committing only means re-reading them
+                _log.warning("final commit of revoked partitions failed: %r", exc)
+        self._parts.initialised -= set(mine)
+        self.metrics.assigned_partitions.set(len(self._parts.assigned - set(mine)))
+
+    # ------------------------------------------------------------------ timers
+    async def _commit_tick(self) -> None:
+        pipeline = self.pipeline
+        if pipeline is None or pipeline.failed is not None or self.app.rebalancing:
+            return
+        offsets = pipeline.committable()
+        if offsets and await faust_glue.commit(self.app, self.topic, offsets):
+            pipeline.mark_committed(offsets)
+
+    async def _observe_tick(self) -> None:
+        pipeline = self.pipeline
+        now = time.monotonic()
+        reasons: list[str] = []
+        if pipeline is None:
+            reasons.append("model loading" if not self.runtime_future.done() else "pipeline starting")
+        elif pipeline.failed is not None:
+            reasons.append(f"pipeline failed: {pipeline.failed!r}")
+        if not self._parts.assigned:
+            reasons.append("no input partitions assigned (joining the group, or more workers than partitions)")
+        if self.app.rebalancing:
+            reasons.append("rebalancing")
+        recovery = getattr(self.app.tables, "recovery", None)
+        if recovery is not None and not recovery.completed.is_set():
+            reasons.append("table recovery in progress")
+        broker_age = now - self._last_broker_ok
+        if broker_age > 15.0:
+            reasons.append(f"no broker answered for {broker_age:.0f} s")
+        if self._stopping:
+            reasons.append("stopping")
+        self.metrics.ready.set(0 if reasons else 1)
+        if not reasons and self.metrics.cold_start_seconds.labels("ready")._value.get() == 0:
+            self.metrics.cold_start_seconds.labels("ready").set(now - self.started_at)
+        if pipeline is not None:
+            classifier = pipeline.classifier
+            self.health.update(
+                not_ready=reasons,
+                inference_queued=classifier.queued + classifier.running,
+                last_inference=classifier.last_progress,
+            )
+            self._observe_lag(pipeline)
+        else:
+            self.health.update(not_ready=reasons, inference_queued=0, last_inference=now)
+
+    def _observe_lag(self, pipeline: Pipeline) -> None:
+        status = pipeline.lane_status()
+        positions = faust_glue.lag_positions(self.app, self.topic, sorted(self._parts.assigned))
+        now_wall = time.time()
+        now = time.monotonic()
+        for p in self._parts.assigned:
+            lane = status.get(p)
+            lso, position = positions.get(p, (None, None))
+            unread = max(0, lso - position) if lso is not None and position is not None and lso >= 0 else 0
+            in_flight = lane.in_flight if lane is not None else 0
+            self.metrics.consumer_lag_messages.labels(str(p)).set(in_flight + unread)
+            if lane is not None and lane.oldest_timestamp_ms is not None:
+                age = max(0.0, now_wall - lane.oldest_timestamp_ms / 1000.0)
+            elif unread and lane is not None and lane.caught_up_since is not None:
+                age = now - lane.caught_up_since
+            else:
+                age = 0.0
+            self.metrics.consumer_lag_seconds.labels(str(p)).set(age)
+
+    async def _broker_tick(self) -> None:
+        producer = self.producer
+        if producer is None:
+            return
+        try:
+            ok = await asyncio.wait_for(producer.client.force_metadata_update(), 10.0)
+        except (TimeoutError, Exception) as exc:  # noqa: BLE001 -- any failure means "no answer"
+            _log.debug("broker check failed: %r", exc)
+            ok = False
+        now = time.monotonic()
+        if ok:
+            self._last_broker_ok = now
+            return
+        silent = now - self._last_broker_ok
+        if silent > self.settings.kafka.unavailable_timeout_s:
+            self.fatal(InfrastructureError(f"no Kafka broker answered for {silent:.0f} s"))
+
+    async def _sweep_tick(self) -> None:
+        l2 = self.l2
+        if l2 is None or self.pipeline is None:
+            return
+        now = time.time()
+        for partition in l2.partitions():
+            plan = plan_sweep(
+                l2.items(partition), now=now, max_entries=self.settings.cache.l2_max_entries_per_partition
+            )
+            for reason, keys in plan.items():
+                for n, key in enumerate(keys):
+                    l2.delete(partition, key)
+                    if n % 2000 == 1999:
+                        await asyncio.sleep(0)  # keep the loop responsive on a big partition
+                if keys:
+                    self.metrics.cache_evictions_total.labels("l2", reason).inc(len(keys))
+
+    # ------------------------------------------------------------------ stopping
+    def fatal(self, exc: BaseException) -> None:
+        """The infrastructure is broken: stop without committing anything more, exit non-zero, bounded."""
+        if self._stopping:
+            return
+        self._stopping = True
+        _log.critical("stopping the worker: %r", exc)
+        self.watchdog.arm(1, f"fatal: {exc!r}")
+        self.app.add_future(self.app.crash(exc))
+
+    def on_stop_signal(self) -> None:
+        self._stopping = True
+        self.watchdog.arm(0, "signal")
+
+    async def _on_shutdown(self, sender: Any, /, *args: Any, **kwargs: Any) -> None:
+        self._stopping = True
+        self.watchdog.arm(self.watchdog.exit_code, "shutdown")
+        pipeline = self.pipeline
+        if pipeline is not None:
+            if pipeline.failed is None:
+                await pipeline.drain(min(5.0, self.settings.worker.shutdown_timeout_s / 3))
+                offsets = pipeline.committable()
+                if offsets:
+                    try:
+                        await asyncio.wait_for(faust_glue.commit(self.app, self.topic, offsets), 5.0)
+                    except Exception as exc:  # noqa: BLE001 -- not committing only means re-reading
+                        _log.warning("final commit failed: %r", exc)
+            await pipeline.stop()
+        if self.producer is not None:
+            try:
+                await asyncio.wait_for(self.producer.stop(), 5.0)
+            except Exception as exc:  # noqa: BLE001 -- stopping anyway
+                _log.warning("producer stop: %r", exc)
+
+    def _on_store_discard(self, table: str, partition: int, reason: str) -> None:
+        self.metrics.l2_rebuilds_total.labels(reason).inc()

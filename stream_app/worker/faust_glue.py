@@ -1,0 +1,359 @@
+"""Every use of Faust's (and aiokafka's) internals, in one place.
+
+Faust gives the worker its consumer group membership, the co-partitioning assignor, the RocksDB tables
+with their changelogs and recovery, and timers. It would also move every record through a per-message
+path (a ``Message`` object, a channel queue, an ``Event``, a stream iterator, an ack) that costs more event
+loop time per message than classifying it; so the input topic is taken off that path here, a fetched
+chunk at a time. What this module relies on, and ``tests/unit/worker/test_faust_contract.py`` checks
+against the installed versions so that an upgrade fails loudly instead of silently:
+
+* ``Consumer._drain_messages`` (the fetch loop), ``_wait_next_records``, ``_to_message``, ``callback``,
+  ``_read_offset``, ``_committed_offset``, ``_buffered_partitions``, ``flow_active``, ``_commit`` and the
+  thread delegate ``_thread`` with its aiokafka consumer ``_consumer``;
+* ``AIOKafkaConsumerThread._create_worker_consumer`` and aiokafka's ``AIOKafkaConsumer._isolation_level``
+  (the input is read ``read_committed``, which Faust only does for its own transactions);
+* ``App._new_transport``; the ``faust.stores`` registry (``STORES.aliases``); the RocksDB store's
+  ``_dbs``, ``offset_key``, ``partition_path``, ``assign_partitions`` and ``_key_index``;
+* ``Table.send_changelog`` and ``Table.changelog_topic_name``;
+* mode's ``Worker._schedule_shutdown`` (signals) for the bounded stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, cast
+
+import faust
+from aiokafka.structs import TopicPartition
+from faust.stores import STORES
+from faust.stores.rocksdb import Store as RocksStore
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP
+
+from stream_app.core.slots import RecordLike
+
+__all__ = [
+    "ChunkHandler",
+    "EmotionApp",
+    "EmotionWorker",
+    "FaustL2Store",
+    "StoreDiscardHook",
+    "commit",
+    "committed_offset",
+    "lag_positions",
+    "register_store",
+]
+
+_log = logging.getLogger(__name__)
+
+ChunkHandler = Callable[[str, Mapping[int, Sequence[RecordLike]], int], Awaitable[None]]
+"""``handler(topic, {partition: records}, generation_id)``: takes one fetched chunk of an input topic."""
+
+StoreDiscardHook = Callable[[str, int, str], None]
+"""``hook(table_name, partition, reason)``: a local table partition was discarded to be rebuilt."""
+
+STORE_SCHEME = "emotion-rocksdb"
+
+
+# ---------------------------------------------------------------------------------------- consumer
+class EmotionConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """Faust's aiokafka consumer thread, reading ``read_committed``: aborted and open transactions are
+    never read ahead of their outcome."""
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        consumer._isolation_level = "read_committed"
+        return consumer
+
+
+class EmotionConsumer(faust_aiokafka.Consumer):
+    """Faust's aiokafka consumer with the input topics taken off the per-message path.
+
+    ``chunk_topics`` are handed to ``chunk_handler`` one fetched chunk at a time; records of every other
+    topic (table changelogs during recovery) go through Faust's own path unchanged.
+    """
+
+    chunk_topics: frozenset[str] = frozenset()
+    chunk_handler: ChunkHandler | None = None
+
+    def _new_consumer_thread(self) -> Any:
+        return EmotionConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def _drain_messages(self, fetcher: Any) -> None:  # the Fetcher service's loop
+        callback = self.callback
+        to_message = self._to_message
+        consumer_should_stop = self._stopped.is_set
+        fetcher_should_stop = fetcher._stopped.is_set
+        chunk_topics = self.chunk_topics
+        read_offset = self._read_offset
+        try:
+            while not (consumer_should_stop() or fetcher_should_stop()):
+                records, active = await self._wait_next_records(1.0)
+                if not records or self.should_stop:
+                    continue
+                generation = self.app.consumer_generation_id
+                chunks: dict[str, dict[int, Sequence[RecordLike]]] = {}
+                for tp, recs in records.items():
+                    if not recs or (active is not None and tp not in active and tp not in self._buffered_partitions):
+                        continue
+                    if tp.topic in chunk_topics:
+                        chunks.setdefault(tp.topic, {})[tp.partition] = recs
+                        read_offset[tp] = recs[-1].offset
+                        continue
+                    for record in recs:  # Faust's own path (changelogs)
+                        if not self.flow_active:
+                            break
+                        await callback(to_message(tp, record))
+                        read_offset[tp] = record.offset
+                handler = self.chunk_handler
+                if handler is None or not self.flow_active:
+                    continue
+                for topic, parts in chunks.items():
+                    await handler(topic, parts, generation)
+        except self.consumer_stopped_errors:
+            if self.transport.app.should_stop:
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.transport.app.should_stop:
+                return
+            raise
+
+
+class EmotionTransport(faust_aiokafka.Transport):
+    Consumer = EmotionConsumer
+
+
+class EmotionApp(faust.App):
+    """``faust.App`` whose consumer takes the input topics a chunk at a time (see the module docstring)."""
+
+    def _new_transport(self) -> Any:
+        return EmotionTransport(self.conf.broker_consumer, self)
+
+    @property
+    def emotion_consumer(self) -> EmotionConsumer:
+        consumer = self.consumer
+        assert isinstance(consumer, EmotionConsumer)
+        return consumer
+
+
+def committed_offset(app: faust.App, topic: str, partition: int) -> int | None:
+    """The committed offset Faust read for this partition at its last seek (None when there is none)."""
+    consumer: Any = app.consumer
+    value = consumer._committed_offset.get(TP(topic, partition))
+    return int(value) if value is not None else None
+
+
+async def commit(app: faust.App, topic: str, offsets: Mapping[int, int]) -> bool:
+    """Commit ``offsets`` (partition -> next offset to read) of ``topic`` through Faust's consumer thread.
+
+    Returns False when nothing was committed (a rebalance took the partitions away meanwhile).
+    """
+    consumer: Any = app.consumer
+    tps = {TP(topic, p): o for p, o in offsets.items()}
+    ok = bool(await consumer._commit(tps))
+    if ok:
+        consumer._committed_offset.update(tps)
+    return ok
+
+
+def lag_positions(app: faust.App, topic: str, partitions: Sequence[int]) -> dict[int, tuple[int | None, int | None]]:
+    """Per partition: (last stable offset, fetch position) as the aiokafka consumer knows them now.
+
+    The last stable offset is where ``read_committed`` reading ends (past a committed transaction's
+    marker), so ``lso - position`` never counts a marker. Values may be None before the first fetch.
+    """
+    thread = cast(Any, app.consumer)._thread
+    consumer: Any = getattr(thread, "_consumer", None)
+    out: dict[int, tuple[int | None, int | None]] = {}
+    subscription = consumer._subscription.subscription if consumer is not None else None
+    assignment = subscription.assignment if subscription is not None else None
+    if assignment is None:
+        return out
+    tps = assignment.tps
+    for p in partitions:
+        tp = TopicPartition(topic, p)
+        if tp not in tps:
+            continue
+        state = assignment.state_value(tp)
+        position = state.position if state.has_valid_position else None
+        out[p] = (state.lso, position)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- tables
+class ConsistentRocksStore(RocksStore):
+    """Faust's RocksDB store that discards a local partition disagreeing with its changelog.
+
+    Local state is a copy of the changelog. When the changelog was emptied, re-created or restored from
+    elsewhere, the offset persisted with the local copy is beyond the changelog's end (or before its
+    start, with records missing in between), and Faust's recovery stops the worker with
+    ``ConsistencyError`` at every start. Before recovery reads a newly assigned partition, this store
+    compares the two and deletes such a partition's local folder, so recovery rebuilds it from the
+    changelog. ``discard_hook`` is told about each discard (a WARNING and a metric in the worker).
+    """
+
+    discard_hook: StoreDiscardHook | None = None
+
+    async def assign_partitions(self, table: Any, tps: set[TP], generation_id: int = 0) -> None:
+        mine = [tp for tp in tps if tp.topic in table.changelog_topic.topics]
+        if mine:
+            await self._discard_inconsistent(table, mine)
+        await super().assign_partitions(table, tps, generation_id)
+
+    async def _discard_inconsistent(self, table: Any, tps: list[TP]) -> None:
+        consumer = self.app.consumer
+        try:
+            earliest = await consumer.earliest_offsets(*tps)
+            latest = await consumer.highwaters(*tps)
+        except Exception as exc:  # noqa: BLE001 -- no answer: let Faust's own recovery decide
+            _log.warning("cannot check local state of %s against its changelog: %r", table.name, exc)
+            return
+        for tp in tps:
+            reason = self._inconsistency(tp, earliest.get(tp), latest.get(tp))
+            if reason is not None:
+                self._discard(tp.partition, reason)
+                hook = type(self).discard_hook
+                if hook is not None:
+                    hook(table.name, tp.partition, reason)
+
+    def _inconsistency(self, tp: TP, earliest: int | None, latest: int | None) -> str | None:
+        path = self.partition_path(tp.partition)
+        try:
+            persisted = self.persisted_offset(tp)
+        except Exception as exc:  # noqa: BLE001 -- an unreadable local copy is discarded like any other
+            _log.warning("local state %s is unreadable (%r)", path, exc)
+            return "unreadable"
+        if persisted is None or latest is None:
+            return None
+        if persisted >= latest:
+            return "ahead_of_changelog"
+        if earliest is not None and persisted < earliest - 1:
+            return "behind_changelog_start"
+        return None
+
+    def _discard(self, partition: int, reason: str) -> None:
+        path = self.partition_path(partition)
+        db = self._dbs.pop(partition, None)
+        if db is not None:
+            try:
+                db.close()
+            except Exception as exc:  # noqa: BLE001 -- closing a copy we are about to delete
+                _log.debug("closing %s: %r", path, exc)
+        self._key_index.clear()
+        shutil.rmtree(path, ignore_errors=True)
+        _log.warning("discarded local table state %s (%s); rebuilding it from the changelog", path, reason)
+
+
+def register_store() -> str:
+    """Make ``emotion-rocksdb://`` name :class:`ConsistentRocksStore`; returns the URL to give a table."""
+    STORES.aliases[STORE_SCHEME] = f"{__name__}:ConsistentRocksStore"
+    return f"{STORE_SCHEME}://"
+
+
+class FaustL2Store:
+    """The L2 cache over a Faust table's RocksDB partitions (implements ``cache.tiered.L2Store``).
+
+    Reads go straight to the partition's RocksDB (no current event needed); a write goes to the
+    changelog first (as Faust's own ``table[key] = value`` does) and then to RocksDB. A partition this
+    worker does not hold, or one past the changelog's partition count (the input grew and the changelog
+    not yet), is skipped: a miss on read, no write.
+    """
+
+    def __init__(self, table: Any, changelog_partitions: Callable[[], int | None]) -> None:
+        self.table = table
+        self._changelog_partitions = changelog_partitions
+        self.skipped_writes = 0
+
+    def _db(self, partition: int) -> Any | None:
+        return self.table.data._dbs.get(partition)
+
+    def get_many(self, partition: int, keys: Sequence[bytes]) -> list[bytes | None]:
+        db = self._db(partition)
+        if db is None:
+            return [None] * len(keys)
+        get = db.get
+        return [get(k) for k in keys]
+
+    def put(self, partition: int, key: bytes, value: bytes) -> bool:
+        db = self._db(partition)
+        n = self._changelog_partitions()
+        if db is None or n is None or partition >= n:
+            self.skipped_writes += 1
+            return False
+        self.table.send_changelog(partition, key, value, key_serializer="raw", value_serializer="raw")
+        db.put(key, value)
+        return True
+
+    def delete(self, partition: int, key: bytes) -> None:
+        db = self._db(partition)
+        n = self._changelog_partitions()
+        if db is None or n is None or partition >= n:
+            return
+        self.table.send_changelog(partition, key, None, key_serializer="raw", value_serializer="raw")
+        db.delete(key)
+
+    def partitions(self) -> list[int]:
+        return list(self.table.data._dbs)
+
+    def items(self, partition: int) -> Any:
+        db = self._db(partition)
+        return iter(()) if db is None else db.items()
+
+
+# ---------------------------------------------------------------------------------------- stopping
+class EmotionWorker(faust.Worker):
+    """``faust.Worker`` whose SIGTERM/SIGINT also arm the bounded-stop watchdog (``on_stop_signal``)."""
+
+    on_stop_signal: Callable[[], None] | None = None
+
+    def _schedule_shutdown(self, signal: Any) -> None:
+        hook = self.on_stop_signal
+        if hook is not None:
+            hook()
+        super()._schedule_shutdown(signal)
+
+
+class Watchdog:
+    """Ends the process with ``os._exit`` if an orderly stop takes longer than ``timeout_s``.
+
+    Armed once the worker decided to stop (a signal, a crash, a lost broker). Uncommitted work stays
+    uncommitted: the next owner of the partitions reads it again.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.exit_code = 0
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def armed(self) -> bool:
+        return self._timer is not None
+
+    def arm(self, exit_code: int, why: str) -> None:
+        with self._lock:
+            self.exit_code = max(self.exit_code, exit_code)
+            if self._timer is not None:
+                return
+            _log.warning("stopping (%s); the process exits within %.0f s whatever happens", why, self.timeout_s)
+            self._timer = threading.Timer(self.timeout_s, self._expire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _expire(self) -> None:
+        code = self.exit_code or 1
+        _log.critical("orderly stop took over %.0f s: exiting now with %d, nothing more committed",
+                      self.timeout_s, code)  # fmt: skip
+        logging.shutdown()
+        os._exit(code)
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()

@@ -1,0 +1,89 @@
+"""Run one worker process: checks, health server, model loading in a thread, then Faust until stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import time
+
+from stream_app.errors import EmotionStreamError
+from stream_app.metrics import Metrics
+from stream_app.profiler import ResourceSampler
+from stream_app.service import build_runtime
+from stream_app.settings import Settings
+from stream_app.worker.app import Worker, changelog_topic
+from stream_app.worker.faust_glue import EmotionWorker, Watchdog
+from stream_app.worker.health import Health, HealthServer
+from stream_app.worker.startup import prepare
+
+__all__ = ["process_started_at", "run_worker"]
+
+_log = logging.getLogger(__name__)
+
+
+def process_started_at() -> float:
+    """The process's start as a ``time.monotonic()`` reading (interpreter start-up included)."""
+    try:
+        with open("/proc/self/stat", "rb") as fh:
+            ticks = int(fh.read().rsplit(b")", 1)[1].split()[19])
+        with open("/proc/uptime", "rb") as fh:
+            uptime = float(fh.read().split()[0])
+        age = uptime - ticks / os.sysconf("SC_CLK_TCK")
+        return time.monotonic() - max(0.0, age)
+    except (OSError, ValueError, IndexError):
+        return time.monotonic()
+
+
+def run_worker(settings: Settings, started_at: float | None = None) -> int:
+    """Run until SIGTERM/SIGINT or a fatal error; returns the process exit code (0 on a clean stop)."""
+    started_at = process_started_at() if started_at is None else started_at
+    metrics = Metrics()
+    metrics.cold_start_seconds.labels("import").set(time.monotonic() - started_at)
+    health = Health()
+    server = None
+    if settings.metrics.port:
+        server = HealthServer(metrics, health, settings.metrics.host, settings.metrics.port).start()
+        _log.info("metrics and probes on http://%s:%d (/metrics /livez /readyz)", settings.metrics.host, server.port)
+    changelog = changelog_topic(settings) if settings.cache.l2_enabled else None
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model-load") as loader:
+        # the model loads while the broker is checked and Faust joins the group
+        runtime = loader.submit(build_runtime, settings, metrics)
+        try:
+            partitions, action = asyncio.run(prepare(settings, changelog))
+        except EmotionStreamError as exc:
+            _log.error("%s", exc)
+            runtime.cancel()
+            return 2
+        if action == "recreated":
+            metrics.l2_rebuilds_total.labels("partitions").inc()
+        watchdog = Watchdog(settings.worker.shutdown_timeout_s)
+        worker = Worker(
+            settings=settings,
+            metrics=metrics,
+            health=health,
+            input_partitions=partitions,
+            runtime=runtime,
+            watchdog=watchdog,
+            started_at=started_at,
+        )
+        faust_worker = EmotionWorker(
+            worker.app, loglevel=settings.worker.log_level.upper(), quiet=True, override_logging=False
+        )
+        faust_worker.on_stop_signal = worker.on_stop_signal
+        # CPU, memory and (with pynvml) GPU gauges, sampled on a daemon thread off the hot path
+        sampler = ResourceSampler(metrics, settings.metrics.profile_sample_interval_s)
+        sampler.start()
+        code = 0
+        try:
+            faust_worker.execute_from_commandline()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            sampler.stop()
+            if server is not None:
+                server.stop()
+        code = max(code, watchdog.exit_code)
+        watchdog.cancel()
+        return code
