@@ -34,10 +34,26 @@ from typing import Protocol
 import orjson
 
 from stream_app.core.classifier import BatchStats
+from stream_app.core.headers import (
+    EventHeaders,
+    TraceContext,
+    dead_letter_headers,
+    event_source,
+    headers_size,
+    read_trace_context,
+)
 from stream_app.core.slots import DeadInfo, Lane, OutRecord, Slot
 from stream_app.errors import InfrastructureError, OutputRejectedError
 from stream_app.metrics import Metrics
-from stream_app.records import CacheCounts, DeadLetter, SourceRef, StageMetrics, StageMs, rfc3339
+from stream_app.records import (
+    CacheCounts,
+    DeadLetter,
+    SourceRef,
+    StageMetrics,
+    StageMs,
+    render_sent_at,
+    rfc3339,
+)
 
 __all__ = ["AckGroup", "Emitter", "EmitterConfig", "Sink"]
 
@@ -137,6 +153,7 @@ class Emitter:
         self._task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._event_headers: dict[str, EventHeaders] = {}
         self._events_total = metrics.events_total
         self._produce_seconds = metrics.stage_seconds.labels("produce")
         self._postprocess_seconds = metrics.stage_seconds.labels("postprocess")
@@ -227,6 +244,8 @@ class Emitter:
         labels = cfg.labels
         scores = r.scores
         li = r.label_index
+        if not (min(scores) >= 0.0 and max(scores) <= 1.0) or len(scores) != len(labels):  # NaN fails too
+            raise ValueError(f"the engine returned scores that are not {len(labels)} probabilities: {scores!r}")
         chunk = s.chunk
         b = s.batch
         topic, partition, offset = chunk.topic, s.lane.partition, s.offset
@@ -234,9 +253,10 @@ class Emitter:
             queue_wait, infer, post = b.queue_wait_s * 1e3, b.infer_s * 1e3, b.postprocess_s * 1e3
         else:
             queue_wait = infer = post = 0.0
+        event_id = hashlib.blake2b(f"{topic}\x00{partition}\x00{offset}".encode(), digest_size=16).hexdigest()
         doc = {
             "schema": "emotion_event.v1",
-            "event_id": hashlib.blake2b(f"{topic}\x00{partition}\x00{offset}".encode(), digest_size=16).hexdigest(),
+            "event_id": event_id,
             "message_id": m.message_id,
             "conversation_id": m.conversation_id,
             "user_id": m.user_id,
@@ -256,45 +276,55 @@ class Emitter:
                 "total": max(0.0, now_mono - chunk.received_mono) * 1e3,
             },
             "source": {"topic": topic, "partition": partition, "offset": offset},
-            "sent_at": rfc3339(m.sent_at.timestamp()),
+            "sent_at": render_sent_at(m.sent_at),
             "received_at": chunk.received_at,
             "emitted_at": emitted_at,
-            "traceparent": s.traceparent,
+            "traceparent": m.traceparent,
         }
         value = orjson.dumps(doc)
         key = m.conversation_id.encode()
-        if len(value) + len(key) + _RECORD_OVERHEAD > cfg.max_record_bytes:
+        builder = self._event_headers.get(topic)
+        if builder is None:
+            builder = self._event_headers[topic] = EventHeaders(event_source(topic))
+        headers = builder.build(event_id, emitted_at, s.trace)
+        if len(value) + len(key) + _RECORD_OVERHEAD + 1024 > cfg.max_record_bytes:
             raise OutputRejectedError(f"event of {len(value)} bytes is over max_record_bytes={cfg.max_record_bytes}")
-        return OutRecord(key, value, [])
+        return OutRecord(key, value, headers)
 
-    def _dead_letter(self, s: Slot, now_wall: float) -> OutRecord:
-        """The dead letter of ``s``; falls back to the reduced form (no raw bytes), which cannot fail."""
+    def _dead_letter(self, s: Slot, now_wall: float, *, reduced: bool = False) -> OutRecord:
+        """The dead letter of ``s``, bounded by construction under ``max_record_bytes`` with its key and
+        headers (see :meth:`DeadLetter.build`); ``reduced`` leaves the raw bytes out. If building it raises
+        (it should not), a minimal dead letter built here is the floor."""
         info = s.dead
         assert info is not None
-        source = SourceRef.model_construct(topic=s.chunk.topic, partition=s.lane.partition, offset=s.offset)
+        trace = s.trace if s.trace is not None else _trace_of(s)
         try:
             dead = DeadLetter.build(
                 reason=info.reason,  # type: ignore[arg-type]
                 stage=info.stage,  # type: ignore[arg-type]
                 error=info.error,
-                source=source,
+                source=SourceRef.model_construct(topic=s.chunk.topic, partition=s.lane.partition, offset=s.offset),
                 raw_key=s.key,
                 raw_value=s.value,
-                max_raw_bytes=self.config.max_raw_bytes,
                 received_at=s.chunk.received_wall,
                 worker_id=self.config.worker_id,
+                max_record_bytes=self.config.max_record_bytes,
+                max_raw_bytes=self.config.max_raw_bytes,
             )
-            value = dead.to_json()
-            key = s.key
-            if len(value) + (len(key) if key else 0) + _RECORD_OVERHEAD <= self.config.max_record_bytes:
-                self.metrics.dead_letters_total.labels(info.reason).inc()
-                return OutRecord(key, value, [])
-        except Exception as exc:  # noqa: BLE001 -- the reduced form below is the floor that cannot fail
-            _log.warning("dead letter of %s[%d]@%d failed to build (%r); sending it reduced", s.chunk.topic,
+            if reduced:
+                dead = dead.reduced()
+            record = OutRecord(dead.kafka_key, dead.to_json(), dead_letter_headers(dead, trace))
+            size = len(record.value) + len(record.key or b"") + headers_size(record.headers) + _RECORD_OVERHEAD
+            if size > self.config.max_record_bytes:
+                raise OutputRejectedError(f"dead letter of {size} bytes is over {self.config.max_record_bytes}")
+        except Exception as exc:  # noqa: BLE001 -- the minimal form below is the floor that cannot fail
+            _log.warning("dead letter of %s[%d]@%d failed to build (%r); sending a minimal one", s.chunk.topic,
                          s.lane.partition, s.offset, exc)  # fmt: skip
-        return self._reduced_dead_letter(s, info, now_wall)
+            record = self._minimal_dead_letter(s, info, now_wall)
+        self.metrics.dead_letters_total.labels(info.reason).inc()
+        return record
 
-    def _reduced_dead_letter(self, s: Slot, info: DeadInfo, now_wall: float) -> OutRecord:
+    def _minimal_dead_letter(self, s: Slot, info: DeadInfo, now_wall: float) -> OutRecord:
         raw_size = len(s.value) if s.value is not None else 0
         doc = {
             "schema": "dead_letter.v1",
@@ -306,11 +336,11 @@ class Emitter:
             "raw_key_b64": None,
             "raw_value_b64": None,
             "raw_size_bytes": raw_size,
-            "raw_truncated": raw_size > 0 or bool(s.key),
-            "received_at": rfc3339(s.chunk.received_wall),
-            "worker_id": self.config.worker_id,
+            "raw_truncated": raw_size > 0,
+            "received_at": rfc3339(now_wall),
+            "worker_id": self.config.worker_id[:256],
+            "raw_omitted": True,
         }
-        self.metrics.dead_letters_total.labels(info.reason).inc()
         return OutRecord(None, orjson.dumps(doc), [])
 
     # ------------------------------------------------------------------ flushing
@@ -395,7 +425,7 @@ class Emitter:
                     if topic == self.config.dead_letters_topic:
                         raise InfrastructureError(f"the broker refused a dead letter: {alone!r}") from alone
                     slot.dead = DeadInfo("output_failed", "output", alone)
-                    reduced = self._reduced_dead_letter(slot, slot.dead, self.wall_clock())
+                    reduced = self._dead_letter(slot, self.wall_clock(), reduced=True)
                     try:
                         await self._send_one(self.config.dead_letters_topic, reduced)
                     except OutputRejectedError as dlq_exc:
@@ -486,6 +516,14 @@ class Emitter:
         if not fut.cancelled() and fut.exception() is not None:
             self.metrics.errors_total.labels("produce").inc()
             _log.warning("stage metrics not produced: %r", fut.exception())
+
+
+def _trace_of(s: Slot) -> TraceContext | None:
+    """The trace context of a record that never got through intake (its headers only)."""
+    try:
+        return read_trace_context(s.headers, None) if s.headers else None
+    except Exception:  # noqa: BLE001 -- headers a dead letter cannot read are simply not propagated
+        return None
 
 
 def _safe_text(error: BaseException) -> str:

@@ -1,7 +1,8 @@
 """Intake: turn fetched records into slots, deciding on the spot the ones that are bad.
 
 One pass per chunk, plain Python on a list: size guard, decode and validate against ``chat_message.v1``
-(:func:`~stream_app.records.decode_chat_message`), normalise and bound the text, derive the cache key.
+(:func:`~stream_app.records.decode_chat_message`), normalise and bound the text, derive the cache key,
+read the W3C trace context (headers first, then the body's ``traceparent``).
 A record that fails any of it gets a :class:`~stream_app.core.slots.DeadInfo` (its dead letter is built by
 the emitter); a failure of a kind nobody foresaw is still that record's alone (reason ``schema``, stage
 ``validate``), never the worker's. Shared with the baseline consumer in ``benchmarks/``.
@@ -12,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from stream_app.cache.keys import ModelIdentity, cache_key, normalise
+from stream_app.core.headers import read_trace_context
 from stream_app.core.slots import ChunkInfo, DeadInfo, Lane, RecordLike, Slot
 from stream_app.errors import DecodeError, InputError, TextTooLongError
 from stream_app.records import decode_chat_message
@@ -76,6 +78,7 @@ class Intake:
             text = text[: self.max_text_chars]
         slot.message = message
         slot.text = text
-        slot.traceparent = message.traceparent
+        if slot.headers or message.traceparent is not None:
+            slot.trace = read_trace_context(slot.headers, message.traceparent)
         if self.identity is not None:
             slot.cache_key = cache_key(text, self.identity)

@@ -4,7 +4,7 @@ A chunk of records fetched from Kafka becomes a list of slots. Each stage writes
 other, in this order:
 
 ============  ======================================================================================
-intake        ``message``, ``text``, ``cache_key``, ``traceparent``/``tracestate``, or ``dead``
+intake        ``message``, ``text``, ``cache_key``, ``trace`` (W3C trace context), or ``dead``
 cache         ``result`` and ``level`` on a hit
 classifier    ``encoded``, ``result``, ``level`` (``none`` or ``batch``), ``batch``, or ``dead``
 emitter       ``out`` (the encoded output record), ``done``; releases slots per lane in delivery order
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 if TYPE_CHECKING:
+    from stream_app.core.headers import TraceContext
     from stream_app.inference.tokenize import Encoded
     from stream_app.records import ChatMessage
 
@@ -145,8 +146,7 @@ class Slot:
     message: ChatMessage | None = None
     text: str = ""
     cache_key: bytes | None = None
-    traceparent: str | None = None
-    tracestate: str | None = None
+    trace: TraceContext | None = None
     dead: DeadInfo | None = None
     result: Result | None = None
     level: str = "none"

@@ -21,6 +21,8 @@ from stream_app.records import (
     StageMetrics,
     decode_chat_message,
     event_id_for,
+    event_inputs,
+    parse_rfc3339,
 )
 
 pytestmark = pytest.mark.unit
@@ -145,3 +147,72 @@ def test_python_and_json_schema_reject_the_same_documents(doc: dict[str, object]
 def test_extra_input_fields_are_ignored() -> None:
     msg = decode_chat_message(orjson.dumps({**GOOD, "lang": "en"}))
     assert isinstance(msg, ChatMessage) and msg.text == "hi"
+
+
+def test_dead_letters_written_before_the_additions_still_validate() -> None:
+    """The fields, reasons and stages added within v1 are optional: an earlier record stays valid."""
+    example = json.loads((SCHEMAS / "examples" / "dead_letter.v1.json").read_text())
+    earlier = {
+        k: v
+        for k, v in example.items()
+        if k not in {"raw_key_size_bytes", "raw_key_truncated", "key_hashed", "raw_omitted"}
+    }
+    _validator("dead_letter.v1").validate(earlier)
+    assert DeadLetter.model_validate(earlier).raw_key_size_bytes is None
+
+
+@pytest.mark.parametrize(
+    ("reason", "stage"), [("output_failed", "output"), ("crash_loop", "infer"), ("inference_failed", "cache")]
+)
+def test_new_reasons_and_stages_are_in_the_contract(reason: str, stage: str) -> None:
+    dead = DeadLetter.build(
+        reason=reason,  # type: ignore[arg-type]
+        stage=stage,  # type: ignore[arg-type]
+        error=RuntimeError("boom"),
+        source=SourceRef(topic="t", partition=0, offset=1),
+        raw_key=b"c-1",
+        raw_value=b"{}",
+        received_at=1.0,
+        worker_id="w",
+    )
+    _validator("dead_letter.v1").validate(orjson.loads(dead.to_json()))
+
+
+def test_a_small_key_is_the_dead_letters_own_key_and_reduced_drops_the_raw_bytes() -> None:
+    dead = DeadLetter.build(
+        reason="schema",
+        stage="validate",
+        error=SchemaError("text: missing"),
+        source=SourceRef(topic="t", partition=0, offset=1),
+        raw_key=b"c-42",
+        raw_value=b'{"x": 1}',
+        received_at=1.0,
+        worker_id="w",
+    )
+    assert dead.kafka_key == b"c-42" and not dead.key_hashed and not dead.raw_truncated
+    reduced = dead.reduced()
+    doc = orjson.loads(reduced.to_json())
+    _validator("dead_letter.v1").validate(doc)
+    assert (doc["raw_key_b64"], doc["raw_value_b64"], doc["raw_omitted"]) == ("", "", True)
+    assert doc["raw_truncated"] and doc["raw_key_truncated"] and doc["raw_size_bytes"] == 8
+    assert reduced.kafka_key == b"c-42"
+
+
+def test_event_build_matches_the_example_event() -> None:
+    example = json.loads((SCHEMAS / "examples" / "emotion_event.v1.json").read_text())
+    chat = decode_chat_message((SCHEMAS / "examples" / "chat_message.v1.json").read_bytes())
+    src = SourceRef.model_validate(example["source"])
+    built = EmotionEvent.build(
+        event_inputs(chat, src),
+        label=example["label"],
+        scores=example["scores"],
+        model=ModelInfo.model_validate(example["model"]),
+        cache=CacheInfo.model_validate(example["cache"]),
+        truncated=example["truncated"],
+        timings_ms=EventTimings.model_validate(example["timings_ms"]),
+        received_at=parse_rfc3339(example["received_at"]) or 0.0,
+        emitted_at=parse_rfc3339(example["emitted_at"]) or 0.0,
+    )
+    out = orjson.loads(built.to_json())
+    _validator("emotion_event.v1").validate(out)
+    assert out == {**example, "event_id": event_id_for(src.topic, src.partition, src.offset)}

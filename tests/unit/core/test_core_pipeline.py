@@ -214,22 +214,32 @@ async def test_a_refused_record_becomes_a_dead_letter_and_its_neighbours_are_sen
     assert sorted(o for _, o in _sources(sink.docs("events"))) == [0, 1, 3, 4]
     (dead,) = sink.docs("dlq")
     assert (dead["reason"], dead["stage"], dead["source"]["offset"]) == ("output_failed", "output", 2)
-    assert dead["raw_value_b64"] is None  # the reduced form
+    assert dead["raw_omitted"] is True and not dead["raw_value_b64"]  # the reduced form
     assert p.committable() == {0: 5}
 
 
-async def test_an_output_too_large_to_send_becomes_a_dead_letter() -> None:
-    probe = ListSink()
-    await _drive(build(probe), [{0: [Rec(0, raw(0, "hello"))]}])
-    limit = len(probe.sent[0][1].value) + 150
+async def test_a_swapped_key_and_value_makes_a_dead_letter_that_fits_the_smallest_record_limit() -> None:
+    from stream_app.core.headers import headers_size
+
+    limit = 32 * 1024
     sink = ListSink()
     p = build(sink, max_record_bytes=limit)
-    # a 250-character conversation id (key and field) makes that event ~500 bytes bigger
-    await _drive(p, [{0: [Rec(0, raw(0, "hello", conv="c" * 250)), Rec(1, raw(1, "hello"))]}])
+    doc = orjson.loads(raw(0, "x" * 400_000))
+    swapped = Rec(
+        0,
+        b"conv-demo-3",
+        key=orjson.dumps(doc),
+        headers=(("traceparent", b"00-" + b"1" * 32 + b"-" + b"2" * 16 + b"-01"),),
+    )
+    await _drive(p, [{0: [swapped, Rec(1, raw(1, "hello"))]}])
     assert [o for _, o in _sources(sink.docs("events"))] == [1]
     (dead,) = sink.docs("dlq")
-    assert dead["reason"] == "output_failed"
-    assert all(len(r.value) + len(r.key or b"") <= limit for t, r in sink.sent if t != "metrics")
+    assert (dead["reason"], dead["key_hashed"], dead["raw_key_truncated"]) == ("undecodable", True, True)
+    for topic, r in sink.sent:
+        if topic == "dlq":
+            assert r.key is not None and r.key.startswith(b"sha256:")
+            assert len(r.value) + len(r.key) + headers_size(r.headers) <= limit
+            assert dict(r.headers)["traceparent"].startswith(b"00-1111")
 
 
 async def test_a_broken_broker_is_fatal_and_nothing_is_committable() -> None:
