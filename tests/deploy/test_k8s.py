@@ -69,7 +69,8 @@ def _one(kind: str) -> dict[str, Any]:
 
 
 def _worker_container() -> dict[str, Any]:
-    (container,) = _one("Deployment")["spec"]["template"]["spec"]["containers"]
+    containers: list[dict[str, Any]] = _one("Deployment")["spec"]["template"]["spec"]["containers"]
+    (container,) = containers
     return container
 
 
