@@ -89,6 +89,7 @@ def _standalone(
     from concurrent.futures import ThreadPoolExecutor
 
     from stream_app.batching import Batcher
+
     from stream_app.inference.base import available_cores
     from stream_app.inference.select import EngineChoice, load_engine
     from stream_app.inference.tokenize import TextEncoder

@@ -491,6 +491,7 @@ def run_adaptive(
 ) -> dict[str, Any]:
     """The worker's AdaptiveBudget on the pipelined run: from 1,024 tokens towards the batch-time target."""
     from stream_app.batching import AdaptiveBudget
+
     from stream_app.inference.base import memory_token_budget
     from stream_app.inference.select import warm_up
 
@@ -530,8 +531,8 @@ def run_adaptive(
 def run_oom(factory: Callable[[], Any], encoder: Any, texts: Sequence[str], device: Any) -> dict[str, Any]:
     """Cap the allocator, push a batch far over the cap through predict_split, check nothing is lost."""
     import torch
-
     from stream_app.batching import AdaptiveBudget
+
     from stream_app.inference.base import predict_split
 
     engine = factory()

@@ -22,7 +22,7 @@ import math
 import time
 from bisect import bisect_left, insort
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
@@ -134,10 +134,12 @@ class Batcher(Generic[T]):
         self._clock = clock
         # Arrival order (oldest first); an OrderedDict so grouped takes remove from the middle in O(1).
         self._fifo: OrderedDict[int, _Entry[T]] = OrderedDict()
-        # (tokens, seq) sorted: the longest pending item for the readiness check, and the neighbourhood
-        # of the oldest item's length for grouped takes. Insertion is a memmove of at most `capacity`
-        # pointers, cheap next to a batch's inference.
-        self._by_len: list[tuple[int, int]] = []
+        # One bucket per token length, each in arrival order, and the sorted list of lengths that have
+        # items: the longest pending item for the readiness check, and the neighbourhood of the oldest
+        # item's length for grouped takes. Adding and removing an item is O(1) (a new length costs an
+        # insort into a list of at most max_length entries), however many items wait.
+        self._buckets: dict[int, OrderedDict[int, _Entry[T]]] = {}
+        self._lengths: list[int] = []
         self._seq = 0
 
     # -- configuration -------------------------------------------------------------------------
@@ -192,10 +194,33 @@ class Batcher(Generic[T]):
             raise ValueError(f"an item has at least one token, got {tokens}")
         if len(self._fifo) >= self._capacity:
             raise QueueFull(f"batcher holds its capacity of {self._capacity} items")
+        self._add(item, tokens, self._clock())
+
+    def add_many(self, items: Sequence[tuple[T, int]]) -> None:
+        """Queue several ``(item, tokens)`` at once, all stamped with one clock reading.
+
+        Raises:
+            QueueFull: they do not all fit; none is added.
+            ValueError: a token count < 1; none is added.
+        """
+        if any(tokens < 1 for _, tokens in items):
+            raise ValueError("an item has at least one token")
+        if len(self._fifo) + len(items) > self._capacity:
+            raise QueueFull(f"batcher holds {len(self._fifo)} of {self._capacity} items; {len(items)} more do not fit")
+        now = self._clock()
+        for item, tokens in items:
+            self._add(item, tokens, now)
+
+    def _add(self, item: T, tokens: int, arrival: float) -> None:
         seq = self._seq
         self._seq += 1
-        self._fifo[seq] = _Entry(seq, item, tokens, self._clock())
-        insort(self._by_len, (tokens, seq))
+        entry = _Entry(seq, item, tokens, arrival)
+        self._fifo[seq] = entry
+        bucket = self._buckets.get(tokens)
+        if bucket is None:
+            bucket = self._buckets[tokens] = OrderedDict()
+            insort(self._lengths, tokens)
+        bucket[seq] = entry
 
     def _oldest(self) -> _Entry[T] | None:
         return next(iter(self._fifo.values()), None)
@@ -229,7 +254,7 @@ class Batcher(Generic[T]):
     def full(self) -> bool:
         """Whether a batch would close on a cap (count or token budget) rather than on age."""
         n = len(self._fifo)
-        return n > 0 and (n >= self._max_size or self._by_len[-1][0] * n >= self._budget)
+        return n > 0 and (n >= self._max_size or self._lengths[-1] * n >= self._budget)
 
     def take(self, now: float) -> Batch[T] | None:
         """Form and remove one batch (even if not :meth:`ready`: that is a drain). None when empty."""
@@ -287,63 +312,66 @@ class Batcher(Generic[T]):
     def _select_grouped(self, oldest: _Entry[T]) -> tuple[list[_Entry[T]], bool]:
         """The oldest item plus those closest to its length, under both caps.
 
-        Walks outwards from the oldest item's place in the length index: upwards (longer items, which
-        raise the padded length) and downwards (shorter ones, which do not), taking whichever is closer
-        in length, the older on a tie. Among equal lengths below, a run is taken oldest first.
+        Walks outwards from the oldest item's length: upwards (its own length, then longer items, which
+        raise the padded length) and downwards (shorter ones, which do not), taking whichever is closer in
+        length, the older on a tie; within one length, oldest first.
         """
-        idx_list = self._by_len
         t0 = oldest.tokens
-        start = bisect_left(idx_list, (t0, oldest.seq))
-        picked = [start]
+        lengths = self._lengths
+        buckets = self._buckets
+        pos = bisect_left(lengths, t0)
+        up_lengths = iter(lengths[pos:])
+        down_lengths = iter(reversed(lengths[:pos]))
+
+        def entries(length_iter: Iterator[int]) -> Iterator[_Entry[T]]:
+            for length in length_iter:
+                yield from buckets[length].values()
+
+        up = entries(up_lengths)
+        down = entries(down_lengths)
+        next(up)  # the oldest item itself: the first of the first bucket upwards
+        up_head = next(up, None)
+        down_head = next(down, None)
+        chosen = [oldest]
         longest = t0
         n = 1
-        hi = start + 1
-        hi_open = True
-        lo_end = start - 1  # inclusive top of the unvisited region below
-        run_start = 0
-        run_pos = -1  # next index inside the current run of equal lengths below; -1: no run yet
         left_out = False
-        size = len(idx_list)
+        budget = self._budget
         while n < self._max_size:
-            lo_i = -1
-            if lo_end >= 0:
-                if run_pos < 0:
-                    run_start = bisect_left(idx_list, (idx_list[lo_end][0], -1), 0, lo_end + 1)
-                    run_pos = run_start
-                lo_i = run_pos
-            hi_i = hi if hi_open and hi < size else -1
-            if lo_i < 0 and hi_i < 0:
+            if up_head is None and down_head is None:
                 break
-            take_hi = lo_i < 0 or (
-                hi_i >= 0 and (idx_list[hi_i][0] - t0, idx_list[hi_i][1]) < (t0 - idx_list[lo_i][0], idx_list[lo_i][1])
+            take_up = down_head is None or (
+                up_head is not None and (up_head.tokens - t0, up_head.seq) < (t0 - down_head.tokens, down_head.seq)
             )
-            if take_hi:
-                t = idx_list[hi_i][0]
-                if t * (n + 1) > self._budget:
+            if take_up:
+                assert up_head is not None
+                if up_head.tokens * (n + 1) > budget:
                     # Every item further up is at least as long: close the upper side, keep the lower.
-                    hi_open = False
+                    up_head = None
                     left_out = True
                     continue
-                picked.append(hi_i)
-                longest = t
-                hi += 1
+                chosen.append(up_head)
+                longest = up_head.tokens
+                up_head = next(up, None)
             else:
-                if longest * (n + 1) > self._budget:
+                assert down_head is not None
+                if longest * (n + 1) > budget:
                     # Even the shortest addition overflows, and so would anything above.
                     left_out = True
                     break
-                picked.append(lo_i)
-                run_pos += 1
-                if run_pos > lo_end:
-                    lo_end = run_start - 1
-                    run_pos = -1
+                chosen.append(down_head)
+                down_head = next(down, None)
             n += 1
-        return [self._fifo[idx_list[i][1]] for i in picked], left_out
+        return chosen, left_out
 
     def _remove_from_index(self, chosen: list[_Entry[T]]) -> None:
-        positions = sorted((bisect_left(self._by_len, (e.tokens, e.seq)) for e in chosen), reverse=True)
-        for p in positions:
-            del self._by_len[p]
+        buckets = self._buckets
+        for e in chosen:
+            bucket = buckets[e.tokens]
+            del bucket[e.seq]
+            if not bucket:
+                del buckets[e.tokens]
+                self._lengths.remove(e.tokens)
 
 
 class AdaptiveBudget:

@@ -41,6 +41,7 @@ from stream_app.core.slots import DeadInfo, Result, Slot
 from stream_app.errors import (
     ConfigError,
     DeviceOutOfMemoryError,
+    EngineError,
     InfrastructureError,
     TextTooLongError,
 )
@@ -251,10 +252,14 @@ class Classifier:
         self.metrics.stage_seconds.labels("tokenize").observe(spent)
         now = self.clock()
         verdicts: list[Slot] = []
+        queued: list[tuple[Slot, int]] = []
         reject = self.config.overlong_reject
+        chunk = None
         for s, enc in zip(leaders, encoded, strict=True):
-            s.chunk.tokenize_s = spent
-            s.chunk.enqueued_mono = now
+            if s.chunk is not chunk:
+                chunk = s.chunk
+                chunk.tokenize_s = spent
+                chunk.enqueued_mono = now
             if isinstance(enc, BaseException):
                 s.dead = DeadInfo("inference_failed", "tokenize", enc)
                 verdicts.append(s)
@@ -267,7 +272,9 @@ class Classifier:
             elif s.isolate:
                 self._isolated.append(s)
             else:
-                self.batcher.add(s, enc.n_tokens)
+                queued.append((s, enc.n_tokens))
+        if queued:
+            self.batcher.add_many(queued)
         if verdicts:
             self._deliver(verdicts, None)
         self._wakeup.set()
@@ -352,9 +359,13 @@ class Classifier:
         ledger = self.ledger
         token = ledger.begin(_coords(leaders)) if ledger is not None else None
         encoded = [s.encoded for s in leaders]
-        probs = predict_split(self.engine, self.encoder.pad(encoded), self._on_oom)  # type: ignore[arg-type]
+        probs = np.asarray(predict_split(self.engine, self.encoder.pad(encoded), self._on_oom))  # type: ignore[arg-type]
+        if probs.shape != (len(leaders), len(self.engine.labels)):
+            raise EngineError(f"the engine returned shape {probs.shape} for {len(leaders)} rows")
+        if not (np.isfinite(probs).all() and (probs >= 0.0).all() and (probs <= 1.0).all()):
+            raise EngineError("the engine returned scores that are not probabilities (NaN, infinite or out of 0..1)")
         rows: list[list[float]] = probs.tolist()
-        labels: list[int] = np.asarray(probs).argmax(axis=1).tolist()
+        labels: list[int] = probs.argmax(axis=1).tolist()
         if ledger is not None and token is not None:
             ledger.end(token, succeeded=_coords(leaders) if ledger.has_suspects else ())
         return rows, labels

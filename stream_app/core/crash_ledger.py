@@ -14,7 +14,9 @@ ledger breaks that loop:
   without being processed again.
 
 The file is rewritten in place with ``os.pwrite`` (no fsync: it must survive the death of the process,
-which the page cache ensures, not of the machine). Coordinates are ``(topic, partition, offset)``.
+which the page cache ensures, not of the machine). Coordinates are ``(topic, partition, offset)``; in the
+file, records in flight are runs ``[topic, partition, first, last]`` (a chunk is a few runs, so a write
+costs the same for 10 records as for 2,000).
 """
 
 from __future__ import annotations
@@ -74,12 +76,14 @@ class CrashLedger:
         crashed = 0
         for item in doc.get("in_flight", []):
             try:
-                topic, partition, offset = item
-                coords = (str(topic), int(partition), int(offset))
+                topic, partition, first, last = item
+                span = range(int(first), int(last) + 1)
             except (TypeError, ValueError):
                 continue
-            strikes[coords] = strikes.get(coords, 0) + 1
-            crashed += 1
+            for offset in span[: self.max_entries]:
+                coords = (str(topic), int(partition), offset)
+                strikes[coords] = strikes.get(coords, 0) + 1
+                crashed += 1
         self._strikes = strikes
         self._trim()
         if crashed:
@@ -150,8 +154,19 @@ class CrashLedger:
     def _write(self) -> None:
         if self._fd is None:
             return
-        in_flight = [list(c) for coords in self._in_flight.values() for c in coords]
+        in_flight = _ranges(c for coords in self._in_flight.values() for c in coords)
         strikes = [[*c, n] for c, n in self._strikes.items()]
         data = json.dumps({"in_flight": in_flight, "strikes": strikes}, separators=(",", ":")).encode()
         os.pwrite(self._fd, data, 0)
         os.ftruncate(self._fd, len(data))
+
+
+def _ranges(coords: Iterable[Coordinates]) -> list[list[str | int]]:
+    """Coordinates as ``[topic, partition, first, last]`` runs of consecutive offsets (a chunk is a few)."""
+    out: list[list[str | int]] = []
+    for topic, partition, offset in sorted(coords):
+        if out and out[-1][0] == topic and out[-1][1] == partition and out[-1][3] == offset - 1:
+            out[-1][3] = offset
+        else:
+            out.append([topic, partition, offset, offset])
+    return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from stream_app.cache.keys import ModelIdentity, cache_key, normalise
+from stream_app.cache.keys import ModelIdentity, normalise, normalised_key
 from stream_app.core.headers import read_trace_context
 from stream_app.core.slots import ChunkInfo, DeadInfo, Lane, RecordLike, Slot
 from stream_app.errors import DecodeError, InputError, TextTooLongError
@@ -81,4 +81,4 @@ class Intake:
         if slot.headers or message.traceparent is not None:
             slot.trace = read_trace_context(slot.headers, message.traceparent)
         if self.identity is not None:
-            slot.cache_key = cache_key(text, self.identity)
+            slot.cache_key = normalised_key(text, self.identity)

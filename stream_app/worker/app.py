@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -195,6 +196,8 @@ class Worker:
         runtime = await asyncio.wrap_future(self.runtime_future)
         self.pipeline = self._build_pipeline(runtime)
         await self.pipeline.start()
+        gc.collect()
+        gc.freeze()  # the model, modules and Faust's objects: never scanned again by the collector
         self._ready.set()
         _log.info("pipeline ready %.2f s after launch", time.monotonic() - self.started_at)
 

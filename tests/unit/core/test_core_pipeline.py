@@ -343,7 +343,7 @@ async def test_revocation_returns_what_to_commit_and_abandons_the_rest() -> None
 async def test_a_record_in_flight_at_repeated_crashes_is_isolated_then_dead_lettered(tmp_path: Path) -> None:
     ledger_path = tmp_path / "ledger.json"
     # the previous process died with offsets 1 and 2 of partition 0 in native code, twice for offset 2
-    ledger_path.write_text(json.dumps({"in_flight": [["in", 0, 1], ["in", 0, 2]], "strikes": [["in", 0, 2, 2]]}))
+    ledger_path.write_text(json.dumps({"in_flight": [["in", 0, 1, 2]], "strikes": [["in", 0, 2, 2]]}))
     ledger = CrashLedger(ledger_path, max_strikes=3)
     assert ledger.strikes(("in", 0, 1)) == 1 and ledger.is_poison(("in", 0, 2))
     sink = ListSink()
