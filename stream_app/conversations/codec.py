@@ -7,14 +7,18 @@ Little-endian ``struct`` layout, version 1. The fixed header comes first so a TT
                            d last_seen_at, d last_emitted_at, d started_at, d latest_at, d dominant_since,
                            d mood_weight, I message_count, I late_ignored, I duplicates_ignored,
                            I future_clamped, I dominant_messages, i source_partition, q source_offset,
-                           h dominant, H conversation_id bytes, B panes, B recent, B episodes
+                           h dominant, H conversation_id bytes, B panes p, B recent r, B episodes e
     mood                   n_labels x d
     conversation_id        UTF-8
-    panes (if any)         q newest pane index, then per pane: H panes back from the newest,
-                           B non-zero labels k, k x (B label, I count)
-    recent, each           H message_id bytes, message_id UTF-8, d sent_at, B label, f score
+    panes (if p)           q newest pane index, p x (H panes back from the newest, B non-zero labels k),
+                           then for all panes in order, sum(k) x (B label, I count)
+    recent (if r)          r x H message_id bytes, the r message_ids (UTF-8, concatenated),
+                           r x d sent_at, r x B label, r x f score
     episodes, each         I rule key, B flags (bit 0: active), H streak, I fired, d recover_level,
                            B history entries h, then if h: q newest bucket, h x (H buckets back, d value)
+
+Each variable section is packed and unpacked with one ``struct`` call (formats cached by count): per
+entry calls made decoding cost about twice as much.
 
 Floats that decisions depend on are float64 and scores are float32 rounded on the way in, so a state read
 back from the table decides exactly as the one in memory would have (a restart changes nothing). Counters
@@ -26,6 +30,7 @@ limits on panes, recent messages, rules and id lengths (see ``benchmarks/convers
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections.abc import Sequence
@@ -39,12 +44,20 @@ _HEAD = struct.Struct("<BBIddddddIIIIIiqhHBBB")
 _LAST_SEEN = struct.Struct("<d")
 _LAST_SEEN_OFFSET = 6
 _Q = struct.Struct("<q")
-_PANE = struct.Struct("<HB")
-_COUNT = struct.Struct("<BI")
-_ID = struct.Struct("<H")
-_RECENT = struct.Struct("<dBf")
 _EPISODE = struct.Struct("<IBHIdB")
-_HIST = struct.Struct("<Hd")
+
+
+@functools.lru_cache(maxsize=1024)
+def _fmt(spec: str, count: int) -> struct.Struct:
+    """``count`` repetitions of ``spec`` (e.g. ``"HB"``), little-endian, compiled once."""
+    return struct.Struct("<" + spec * count)
+
+
+@functools.lru_cache(maxsize=256)
+def _recent_fmt(count: int) -> struct.Struct:
+    return struct.Struct(f"<{count}d{count}B{count}f")
+
+
 _U32 = 0xFFFFFFFF
 _FLAG_ACTIVE = 0x01
 
@@ -115,16 +128,29 @@ class StateCodec:
         ]
         if s.panes:
             newest = max(s.panes)
-            parts.append(_Q.pack(newest))
+            heads: list[int] = []
+            entries: list[int] = []
             for pane, counts in s.panes.items():
-                nonzero = [(i, c) for i, c in enumerate(counts) if c]
-                parts.append(_PANE.pack(newest - pane, len(nonzero)))
-                parts.extend(_COUNT.pack(i, _u32(c)) for i, c in nonzero)
-        for m in s.recent:
-            mid = m.message_id.encode()
-            parts.append(_ID.pack(len(mid)))
-            parts.append(mid)
-            parts.append(_RECENT.pack(m.sent_at, m.label, m.score))
+                k = 0
+                for i, c in enumerate(counts):
+                    if c:
+                        entries.append(i)
+                        entries.append(_u32(c))
+                        k += 1
+                heads.append(newest - pane)
+                heads.append(k)
+            parts.append(_Q.pack(newest))
+            parts.append(_fmt("HB", len(s.panes)).pack(*heads))
+            parts.append(_fmt("BI", len(entries) // 2).pack(*entries))
+        if s.recent:
+            ids = [m.message_id.encode() for m in s.recent]
+            parts.append(_fmt("H", len(ids)).pack(*map(len, ids)))
+            parts.extend(ids)
+            parts.append(
+                _recent_fmt(len(ids)).pack(
+                    *[m.sent_at for m in s.recent], *[m.label for m in s.recent], *[m.score for m in s.recent]
+                )
+            )
         for e in s.episodes:
             h = e.history
             parts.append(
@@ -140,7 +166,11 @@ class StateCodec:
             if h:
                 newest = h[-1][0]
                 parts.append(_Q.pack(newest))
-                parts.extend(_HIST.pack(newest - b, v) for b, v in h)
+                flat: list[float] = []
+                for bucket, v in h:
+                    flat.append(newest - bucket)
+                    flat.append(v)
+                parts.append(_fmt("Hd", len(h)).pack(*flat))
         return b"".join(parts)
 
     def decode(self, b: bytes) -> ConversationState:
@@ -196,28 +226,39 @@ class StateCodec:
         if n_panes:
             (newest,) = _Q.unpack_from(b, pos)
             pos += _Q.size
-            for _ in range(n_panes):
-                back, k = _PANE.unpack_from(b, pos)
-                pos += _PANE.size
+            fmt = _fmt("HB", n_panes)
+            heads = fmt.unpack_from(b, pos)
+            pos += fmt.size
+            total = sum(heads[1::2])
+            fmt = _fmt("BI", total)
+            entries = fmt.unpack_from(b, pos)
+            pos += fmt.size
+            j = 0
+            for back, k in zip(heads[0::2], heads[1::2], strict=True):
                 counts = [0] * n
                 for _ in range(k):
-                    i, c = _COUNT.unpack_from(b, pos)
-                    pos += _COUNT.size
+                    i = entries[j]
                     if i >= n:
                         raise ValueError(f"conversation state has a count for label {i} of {n}")
-                    counts[i] = c
+                    counts[i] = entries[j + 1]
+                    j += 2
                 panes[newest - back] = counts
         recent: list[RecentMessage] = []
-        for _ in range(n_recent):
-            (mid_len,) = _ID.unpack_from(b, pos)
-            pos += _ID.size
-            mid = b[pos : pos + mid_len].decode()
-            pos += mid_len
-            sent_at, label, score = _RECENT.unpack_from(b, pos)
-            pos += _RECENT.size
-            if label >= n:
-                raise ValueError(f"conversation state has a recent label {label} of {n}")
-            recent.append(RecentMessage(mid, sent_at, label, score))
+        if n_recent:
+            fmt = _fmt("H", n_recent)
+            lengths = fmt.unpack_from(b, pos)
+            pos += fmt.size
+            ids = []
+            for length in lengths:
+                ids.append(b[pos : pos + length].decode())
+                pos += length
+            fmt = _recent_fmt(n_recent)
+            fields = fmt.unpack_from(b, pos)
+            pos += fmt.size
+            labels = fields[n_recent : 2 * n_recent]
+            if max(labels) >= n:
+                raise ValueError(f"conversation state has a recent label {max(labels)} of {n}")
+            recent = list(map(RecentMessage, ids, fields[:n_recent], labels, fields[2 * n_recent :]))
         episodes: list[Episode] = []
         for _ in range(n_episodes):
             key, flags, streak, fired, recover_level, h = _EPISODE.unpack_from(b, pos)
@@ -226,10 +267,10 @@ class StateCodec:
             if h:
                 (newest,) = _Q.unpack_from(b, pos)
                 pos += _Q.size
-                for _ in range(h):
-                    back, v = _HIST.unpack_from(b, pos)
-                    pos += _HIST.size
-                    history.append((newest - back, v))
+                fmt = _fmt("Hd", h)
+                flat = fmt.unpack_from(b, pos)
+                pos += fmt.size
+                history = [(newest - back, v) for back, v in zip(flat[0::2], flat[1::2], strict=True)]
             episodes.append(Episode(key, bool(flags & _FLAG_ACTIVE), streak, fired, recover_level, history))
         if pos != len(b):
             raise ValueError(f"conversation state has {len(b) - pos} trailing bytes")

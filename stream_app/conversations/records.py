@@ -2,21 +2,28 @@
 
 Like the other output records they forbid extra fields, so they cannot drift from their schema;
 ``tests/unit/conversations/test_conversations_records.py`` proves that the examples validate and that
-records the tracker builds serialise to valid documents. Times are RFC 3339 UTC strings with
-milliseconds; event times (``sent_at`` of the messages) and processing times (the worker's clock) are
-named apart.
+the documents the tracker builds validate against both the schemas and these models. Times are RFC 3339
+UTC strings with milliseconds; event times (``sent_at`` of the messages) and processing times (the
+worker's clock) are named apart.
+
+On the hot path the tracker builds the documents as plain dicts (:class:`StateOutput`,
+:class:`AlertOutput`) and serialises them with orjson: validating a nested pydantic model per emitted
+record cost about ten times as much as building the dict (``benchmarks/conversations.py``). Their
+``record()`` gives the validated model when a caller wants one.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "AlertEvidence",
+    "AlertOutput",
     "AlertRule",
     "AlertSource",
     "AlertTrigger",
@@ -27,6 +34,7 @@ __all__ = [
     "StateEpisode",
     "StateMessage",
     "StateMood",
+    "StateOutput",
     "StateSource",
     "StateWindow",
     "alert_id_for",
@@ -158,3 +166,59 @@ class EscalationRecord(_Out):
     triggered_by: AlertTrigger
     state: ConversationStateRecord
     fired_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class StateOutput:
+    """A ``conversation_state.v1`` document built by the tracker (valid by construction; tests prove it)."""
+
+    doc: dict[str, Any]
+
+    @property
+    def conversation_id(self) -> str:
+        return str(self.doc["conversation_id"])
+
+    @property
+    def reason(self) -> StateReason:
+        reason: StateReason = self.doc["reason"]
+        return reason
+
+    def to_json(self) -> bytes:
+        """The record's value bytes (key: ``conversation_id``)."""
+        return orjson.dumps(self.doc)
+
+    def record(self) -> ConversationStateRecord:
+        """The validated pydantic mirror (about 10x the cost of building the document)."""
+        return ConversationStateRecord.model_validate(self.doc)
+
+
+@dataclass(frozen=True, slots=True)
+class AlertOutput:
+    """An ``escalation.v1`` document built by the tracker (valid by construction; tests prove it)."""
+
+    doc: dict[str, Any]
+
+    @property
+    def conversation_id(self) -> str:
+        return str(self.doc["conversation_id"])
+
+    @property
+    def alert_id(self) -> str:
+        return str(self.doc["alert_id"])
+
+    @property
+    def rule(self) -> str:
+        """The rule's name (the ``rule`` label of ``emotion_conversation_alerts_total``)."""
+        return str(self.doc["rule"]["name"])
+
+    @property
+    def episode(self) -> int:
+        return int(self.doc["episode"])
+
+    def to_json(self) -> bytes:
+        """The record's value bytes (key: ``conversation_id``)."""
+        return orjson.dumps(self.doc)
+
+    def record(self) -> EscalationRecord:
+        """The validated pydantic mirror."""
+        return EscalationRecord.model_validate(self.doc)

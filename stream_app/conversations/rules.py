@@ -448,7 +448,10 @@ class _ShareCheck(Check):
         n = len(window)
         members = self.members
         floor = r.min_score
-        hits = sum(1 for m in window if m.label in members and m.score >= floor)
+        if floor > 0.0:
+            hits = sum([m.label in members and m.score >= floor for m in window])
+        else:
+            hits = sum([m.label in members for m in window])
         share = hits / n if n else 0.0
         met = n >= r.min_messages and share >= r.min_share - _EPS
         return Observation(met, not met, share, r.min_share)
@@ -484,17 +487,19 @@ class _ConsecutiveCheck(Check):
 
 
 class _RiseCheck(Check):
-    __slots__ = ("_bucket_s",)
+    __slots__ = ("_bucket_s", "_order")
     rule: RiseRule
 
     def __init__(self, rule: Rule, label_list: Sequence[str]) -> None:
         super().__init__(rule, label_list)
         assert isinstance(rule, RiseRule)
         self._bucket_s = rule.within_s / RISE_BUCKETS
+        self._order = tuple(sorted(self.members))  # a fixed summation order: the same level bit for bit
 
     def observe(self, state: ConversationState, episode: Episode, shares: Sequence[float]) -> Observation:
         r = self.rule
-        level = sum(shares[i] for i in self.members)
+        order = self._order
+        level = shares[order[0]] if len(order) == 1 else math.fsum(shares[i] for i in order)
         bucket = math.floor(state.latest_at / self._bucket_s)
         history = episode.history
         if history and history[-1][0] == bucket:
@@ -505,7 +510,7 @@ class _RiseCheck(Check):
         oldest = bucket - RISE_BUCKETS + 1
         while history[0][0] < oldest:
             del history[0]
-        baseline = min(v for _, v in history)
+        baseline = min([v for _, v in history])
         rise = level - baseline
         met = rise >= r.min_rise - _EPS and level >= r.min_level - _EPS
         recovering = level <= episode.recover_level + _EPS
@@ -516,9 +521,10 @@ class _RiseCheck(Check):
         return [m for m in state.recent if m.sent_at >= since]
 
     def details(self, state: ConversationState, episode: Episode, obs: Observation) -> dict[str, float]:
+        shares = state.mood_shares()
         return {
             "baseline": min(v for _, v in episode.history),
-            "level": sum(state.mood_shares()[i] for i in self.members),
+            "level": math.fsum(shares[i] for i in self._order),
             "within_s": self.rule.within_s,
         }
 

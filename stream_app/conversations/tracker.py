@@ -35,31 +35,16 @@ several messages of one conversation can be applied before encoding once.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from stream_app.conversations.codec import StateCodec
-from stream_app.conversations.records import (
-    AlertEvidence,
-    AlertRule,
-    AlertSource,
-    AlertTrigger,
-    ConversationStateRecord,
-    EscalationRecord,
-    StateCounters,
-    StateDominant,
-    StateEpisode,
-    StateMessage,
-    StateMood,
-    StateReason,
-    StateSource,
-    StateWindow,
-    alert_id_for,
-)
+from stream_app.conversations.records import AlertOutput, StateOutput, StateReason, alert_id_for
 from stream_app.conversations.rules import Check, Observation, Rule, compile_rules
 from stream_app.conversations.state import ClassifiedMessage, ConversationState, Episode, RecentMessage
 from stream_app.conversations.windows import PaneWindow, decay_factor
@@ -70,6 +55,9 @@ __all__ = ["ConversationTracker", "Outcome", "Update", "is_expired"]
 Outcome = Literal["applied", "replay", "late", "duplicate"]
 _F32 = struct.Struct("<f")
 _ROUND = 6  # decimals of shares and scores in the JSON records (the state itself keeps full precision)
+# The same event times are formatted again and again (a conversation's recent messages appear in every
+# record of it); datetime formatting is the largest single cost of building a record.
+_ts = functools.lru_cache(maxsize=16_384)(rfc3339)
 
 
 def is_expired(state: ConversationState, now: float, ttl_s: float) -> bool:
@@ -94,8 +82,8 @@ class Update:
     outcome: Outcome
     changed: bool
     dominant_changed: bool = False
-    emit: ConversationStateRecord | None = None
-    alerts: tuple[EscalationRecord, ...] = ()
+    emit: StateOutput | None = None
+    alerts: tuple[AlertOutput, ...] = ()
 
 
 class ConversationTracker:
@@ -134,8 +122,8 @@ class ConversationTracker:
         allowed_lateness_s: float = 60.0,
         mood_half_life_s: float = 120.0,
         recent_messages: int = 10,
-        dominant_min_margin: float = 0.05,
-        emit_interval_s: float = 30.0,
+        dominant_min_margin: float = 0.1,
+        emit_interval_s: float = 60.0,
         ttl_s: float = 86_400.0,
         max_future_skew_s: float = 60.0,
         clock: Callable[[], float] = time.time,
@@ -164,6 +152,7 @@ class ConversationTracker:
         self._clock = clock
         self._n = len(self.labels)
         self._keys = tuple(c.key for c in self.checks)
+        self._key_list = list(self._keys)
         self.codec = StateCodec(self.labels, self._keys)
 
     # -- state ----------------------------------------------------------------------------------------------
@@ -217,7 +206,7 @@ class ConversationTracker:
         label = msg.label_index
         if len(scores) != n or not 0 <= label < n:
             raise ValueError(f"message {msg.message_id!r}: {len(scores)} scores / label {label} for {n} labels")
-        if not all(0.0 <= s <= 1.0 for s in scores):
+        if not (min(scores) >= 0.0 and max(scores) <= 1.0) or any(map(math.isnan, scores)):
             raise ValueError(f"message {msg.message_id!r}: scores must be in [0, 1], got {scores}")
         sent_at = float(msg.sent_at)
         if not math.isfinite(sent_at):
@@ -226,10 +215,8 @@ class ConversationTracker:
             state = self.new_state(msg.conversation_id)
         elif state.conversation_id != msg.conversation_id:
             raise ValueError(f"message of {msg.conversation_id!r} applied to the state of {state.conversation_id!r}")
-        elif len(state.episodes) != len(self._keys) or any(
-            e.key != k for e, k in zip(state.episodes, self._keys, strict=True)
-        ):
-            self.codec.align(state)
+        elif [e.key for e in state.episodes] != self._key_list:
+            self.codec.align(state)  # a state built for other rules (decode aligns already)
 
         if msg.partition == state.source_partition and msg.offset <= state.source_offset:
             return Update(state, "replay", changed=False)
@@ -338,74 +325,77 @@ class ConversationTracker:
         """Label counts over the conversation's current window (ending with its latest message's pane)."""
         return PaneWindow.counts(state.panes, self._n)
 
-    def _message(self, m: RecentMessage) -> StateMessage:
-        return StateMessage(
-            message_id=m.message_id,
-            label=self.labels[m.label],
-            score=round(m.score, _ROUND),
-            sent_at=rfc3339(m.sent_at),
-        )
+    def _message(self, m: RecentMessage) -> dict[str, Any]:
+        return {
+            "message_id": m.message_id,
+            "label": self.labels[m.label],
+            "score": round(m.score, _ROUND),
+            "sent_at": _ts(m.sent_at),
+        }
 
     def snapshot(
         self, state: ConversationState, *, reason: StateReason = "snapshot", now: float | None = None
-    ) -> ConversationStateRecord:
+    ) -> StateOutput:
         """The ``conversation_state.v1`` record of ``state`` (for the read API: ``reason="snapshot"``).
 
         Raises:
             ValueError: ``state`` has no applied message yet.
         """
+        return StateOutput(self._state_doc(state, reason, self._clock() if now is None else now))
+
+    def _state_doc(self, state: ConversationState, reason: StateReason, now: float) -> dict[str, Any]:
         if state.message_count < 1 or state.dominant < 0:
             raise ValueError(f"conversation {state.conversation_id!r} has no applied message")
-        if now is None:
-            now = self._clock()
         labels = self.labels
         counts = self.window_counts(state)
         total = sum(counts)
         start, end = self.window.bounds(state.latest_at)
-        shares = state.mood_shares()
-        return ConversationStateRecord(
-            conversation_id=state.conversation_id,
-            reason=reason,
-            message_count=state.message_count,
-            counters=StateCounters(
-                late_ignored=state.late_ignored,
-                duplicates_ignored=state.duplicates_ignored,
-                future_clamped=state.future_clamped,
-            ),
-            started_at=rfc3339(state.started_at),
-            last_message_at=rfc3339(state.latest_at),
-            window=StateWindow(
-                length_s=self.window.window_s,
-                pane_s=self.window.pane_s,
-                start=rfc3339(start),
-                end=rfc3339(end),
-                message_count=total,
-                counts=dict(zip(labels, counts, strict=True)),
-                distribution={
+        w = state.mood_weight
+        latest = _ts(state.latest_at)
+        return {
+            "schema": "conversation_state.v1",
+            "conversation_id": state.conversation_id,
+            "reason": reason,
+            "message_count": state.message_count,
+            "counters": {
+                "late_ignored": state.late_ignored,
+                "duplicates_ignored": state.duplicates_ignored,
+                "future_clamped": state.future_clamped,
+            },
+            "started_at": _ts(state.started_at),
+            "last_message_at": latest,
+            "window": {
+                "length_s": self.window.window_s,
+                "pane_s": self.window.pane_s,
+                "start": _ts(start),
+                "end": _ts(end),
+                "message_count": total,
+                "counts": dict(zip(labels, counts, strict=True)),
+                "distribution": {
                     label: (round(c / total, _ROUND) if total else 0.0) for label, c in zip(labels, counts, strict=True)
                 },
-            ),
-            mood=StateMood(
-                half_life_s=self.mood_half_life_s,
-                at=rfc3339(state.latest_at),
-                scores={label: round(s, _ROUND) for label, s in zip(labels, shares, strict=True)},
-                weight=round(state.mood_weight, _ROUND),
-            ),
-            dominant=StateDominant(
-                label=labels[state.dominant],
-                since=rfc3339(state.dominant_since),
-                held_s=max(0.0, state.latest_at - state.dominant_since),
-                messages=state.dominant_messages,
-            ),
-            recent=[self._message(m) for m in state.recent[-self.recent_messages :]],
-            episodes=[
-                StateEpisode(rule=c.rule.name, active=e.active, fired=e.fired)
+            },
+            "mood": {
+                "half_life_s": self.mood_half_life_s,
+                "at": latest,
+                "scores": {label: round(m / w, _ROUND) for label, m in zip(labels, state.mood, strict=True)},
+                "weight": round(w, _ROUND),
+            },
+            "dominant": {
+                "label": labels[state.dominant],
+                "since": _ts(state.dominant_since),
+                "held_s": max(0.0, state.latest_at - state.dominant_since),
+                "messages": state.dominant_messages,
+            },
+            "recent": [self._message(m) for m in state.recent[-self.recent_messages :]],
+            "episodes": [
+                {"rule": c.rule.name, "active": e.active, "fired": e.fired}
                 for c, e in zip(self.checks, state.episodes, strict=True)
             ],
-            source=StateSource(partition=state.source_partition, offset=state.source_offset),
-            updated_at=rfc3339(state.last_seen_at),
-            emitted_at=rfc3339(now),
-        )
+            "source": {"partition": state.source_partition, "offset": state.source_offset},
+            "updated_at": _ts(state.last_seen_at),
+            "emitted_at": rfc3339(now),
+        }
 
     def _alert(
         self,
@@ -415,26 +405,35 @@ class ConversationTracker:
         episode: Episode,
         obs: Observation,
         now: float,
-    ) -> EscalationRecord:
+    ) -> AlertOutput:
         rule = check.rule
-        return EscalationRecord(
-            alert_id=alert_id_for(msg.topic, msg.partition, msg.offset, rule.name),
-            conversation_id=state.conversation_id,
-            rule=AlertRule(name=rule.name, kind=rule.kind, severity=rule.severity, description=rule.description),
-            episode=episode.fired,
-            evidence=AlertEvidence(
-                value=round(obs.value, _ROUND),
-                threshold=obs.threshold,
-                details={k: round(v, _ROUND) for k, v in check.details(state, episode, obs).items()},
-                messages=[self._message(m) for m in check.evidence(state)],
-            ),
-            triggered_by=AlertTrigger(
-                message_id=msg.message_id,
-                sent_at=rfc3339(msg.sent_at),
-                source=AlertSource(topic=msg.topic, partition=msg.partition, offset=msg.offset),
-            ),
-            state=self.snapshot(state, reason="alert", now=now),
-            fired_at=rfc3339(now),
+        emitted_at = rfc3339(now)
+        return AlertOutput(
+            {
+                "schema": "escalation.v1",
+                "alert_id": alert_id_for(msg.topic, msg.partition, msg.offset, rule.name),
+                "conversation_id": state.conversation_id,
+                "rule": {
+                    "name": rule.name,
+                    "kind": rule.kind,
+                    "severity": rule.severity,
+                    "description": rule.description,
+                },
+                "episode": episode.fired,
+                "evidence": {
+                    "value": round(obs.value, _ROUND),
+                    "threshold": obs.threshold,
+                    "details": {k: round(v, _ROUND) for k, v in check.details(state, episode, obs).items()},
+                    "messages": [self._message(m) for m in check.evidence(state)],
+                },
+                "triggered_by": {
+                    "message_id": msg.message_id,
+                    "sent_at": rfc3339(msg.sent_at),
+                    "source": {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset},
+                },
+                "state": self._state_doc(state, "alert", now),
+                "fired_at": emitted_at,
+            }
         )
 
 

@@ -106,7 +106,7 @@ def test_window_counts_match_an_oracle_and_the_distribution_sums_to_them(sent: l
         if t.window.pane_of(s.sent_at) >= first:
             oracle[LABELS.index(s.label)] += 1
     assert counts == oracle
-    record = t.snapshot(state)
+    record = t.snapshot(state).record()
     assert record.window.message_count == sum(record.window.counts.values()) == sum(counts)
     if counts:
         assert math.isclose(sum(record.window.distribution.values()), 1.0 if sum(counts) else 0.0, abs_tol=1e-5)
@@ -205,9 +205,9 @@ def test_rules_fire_once_per_episode_at_the_messages_an_oracle_expects(sent: lis
         u = t.apply(state, m, now=now_of(m.offset))
         state = u.state
         for a in u.alerts:
-            fired[a.rule.name].append(i)
-            assert a.episode == len(fired[a.rule.name])
-            assert a.triggered_by.message_id == m.message_id
+            fired[a.rule].append(i)
+            assert a.episode == len(fired[a.rule])
+            assert a.doc["triggered_by"]["message_id"] == m.message_id
     assert state is not None
     expected = oracle_alerts(sent)
     assert fired["hostile"] == expected["hostile"]

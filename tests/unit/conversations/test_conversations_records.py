@@ -13,7 +13,13 @@ import pytest
 from pydantic import BaseModel, ValidationError
 from referencing import Registry, Resource
 
-from stream_app.conversations.records import ConversationStateRecord, EscalationRecord, alert_id_for
+from stream_app.conversations.records import (
+    AlertOutput,
+    ConversationStateRecord,
+    EscalationRecord,
+    StateOutput,
+    alert_id_for,
+)
 from stream_app.conversations.state import ConversationState
 from stream_app.conversations.tracker import ConversationTracker
 from tests.unit.conversations.helpers import LABELS, T0, message, tracker
@@ -95,13 +101,11 @@ within_s = 300
 """
 
 
-def _escalating() -> tuple[
-    ConversationTracker, ConversationState, list[ConversationStateRecord], list[EscalationRecord]
-]:
+def _escalating() -> tuple[ConversationTracker, ConversationState, list[StateOutput], list[AlertOutput]]:
     t = tracker(ALL_KINDS, emit_interval_s=0.0)
     state: ConversationState | None = None
-    emitted: list[ConversationStateRecord] = []
-    alerts: list[EscalationRecord] = []
+    emitted: list[StateOutput] = []
+    alerts: list[AlertOutput] = []
     for i, label in enumerate(["neutral", "joy", "neutral", "anger", "anger", "anger", "disgust"]):
         u = t.apply(state, message(i, label, T0 + 15 * i), now=T0 + 15 * i + 0.05)
         state = u.state
@@ -113,13 +117,21 @@ def _escalating() -> tuple[
 
 def test_built_records_serialise_to_valid_documents() -> None:
     t, state, emitted, alerts = _escalating()
-    assert {a.rule.kind for a in alerts} == {"share", "consecutive", "rise"}
+    assert {a.doc["rule"]["kind"] for a in alerts} == {"share", "consecutive", "rise"}
     assert {e.reason for e in emitted} == {"dominant_changed", "interval"}
-    for record in [*emitted, t.snapshot(state)]:
-        _validator("conversation_state.v1").validate(orjson.loads(record.to_json()))
+    for out in [*emitted, t.snapshot(state)]:
+        doc = orjson.loads(out.to_json())
+        _validator("conversation_state.v1").validate(doc)
+        assert orjson.loads(out.record().to_json()) == doc, "the pydantic mirror takes it unchanged"
     for alert in alerts:
         doc = orjson.loads(alert.to_json())
         _validator("escalation.v1").validate(doc)
+        assert orjson.loads(alert.record().to_json()) == doc
+        assert (alert.rule, alert.alert_id, alert.conversation_id) == (
+            doc["rule"]["name"],
+            doc["alert_id"],
+            doc["conversation_id"],
+        )
         assert doc["state"]["reason"] == "alert"
         assert set(doc["state"]["window"]["counts"]) == set(LABELS)
 

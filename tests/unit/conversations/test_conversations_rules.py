@@ -62,7 +62,7 @@ def feed(
         u = t.apply(state, m)
         state = u.state
         if u.alerts:
-            fired[i] = list(u.alerts)
+            fired[i] = [a.record() for a in u.alerts]
     assert state is not None
     return state, fired
 

@@ -35,7 +35,7 @@ def test_window_counts_distribution_and_slide() -> None:
     t = tracker(window_s=300.0, window_pane_s=30.0)
     s = run(t, [message(0, "neutral", T0), message(1, "anger", T0 + 10), message(2, "anger", T0 + 40)])
     assert counts_of(t, s) == {"neutral": 1, "anger": 2}
-    record = t.snapshot(s, now=T0 + 50)
+    record = t.snapshot(s, now=T0 + 50).record()
     assert record.window.message_count == 3
     assert record.window.distribution["anger"] == pytest.approx(2 / 3, abs=1e-6)
     assert sum(record.window.distribution.values()) == pytest.approx(1.0, abs=1e-5)
@@ -73,7 +73,7 @@ def test_message_beyond_the_allowance_is_counted_and_ignored() -> None:
     assert not u.alerts and u.emit is None
     assert s.late_ignored == 1
     assert (t.window_counts(s), s.message_count, list(s.mood), [m.message_id for m in s.recent]) == before
-    assert t.snapshot(s).counters.late_ignored == 1
+    assert t.snapshot(s).record().counters.late_ignored == 1
     assert t.apply(s, message(2, "sadness", T0 + 99.999), now=T0 + 171).outcome == "replay", "and counted once"
     assert s.late_ignored == 1
 
@@ -132,7 +132,7 @@ def test_mood_shares_are_a_recency_weighted_average_of_scores() -> None:
     joy = LABELS.index("joy")
     assert s.mood_shares()[joy] == pytest.approx((0.8 * 0.5 + 0.6) / 1.5, rel=1e-12)
     assert sum(s.mood_shares()) == pytest.approx(1.0, rel=1e-12)
-    record = t.snapshot(s)
+    record = t.snapshot(s).record()
     assert record.mood.scores["joy"] == pytest.approx((0.8 * 0.5 + 0.6) / 1.5, abs=1e-6)
     assert record.mood.weight == 1.5 and record.mood.half_life_s == 60.0
 
@@ -145,7 +145,7 @@ def test_dominant_needs_a_margin_to_change_and_reports_how_long_it_held() -> Non
     t = tracker(dominant_min_margin=0.05, emit_interval_s=1e9, clock=clock, mood_half_life_s=1e9)
     u = t.apply(None, message(0, "neutral", T0, scores=ONE_HOT["neutral"]))
     assert u.dominant_changed and u.emit is not None and u.emit.reason == "dominant_changed"
-    assert u.emit.dominant.label == "neutral" and u.emit.dominant.messages == 1
+    assert u.emit.record().dominant.label == "neutral" and u.emit.record().dominant.messages == 1
     s = u.state
     u = t.apply(s, message(1, "anger", T0 + 10, scores=ONE_HOT["anger"]))
     assert not u.dominant_changed and u.emit is None, "a tie does not take over"
@@ -153,9 +153,9 @@ def test_dominant_needs_a_margin_to_change_and_reports_how_long_it_held() -> Non
     u = t.apply(s, message(2, "joy", T0 + 20, scores=joy_with_some_anger))
     assert not u.dominant_changed, "anger leads neutral by 0.04, less than the margin"
     u = t.apply(s, message(3, "anger", T0 + 30, scores=ONE_HOT["anger"]))
-    assert u.dominant_changed and u.emit is not None and u.emit.dominant.label == "anger"
+    assert u.dominant_changed and u.emit is not None and u.emit.record().dominant.label == "anger"
     u = t.apply(s, message(4, "anger", T0 + 90, scores=ONE_HOT["anger"]))
-    record = t.snapshot(u.state)
+    record = t.snapshot(u.state).record()
     assert record.dominant.label == "anger" and record.dominant.held_s == 60.0 and record.dominant.messages == 2
     assert record.dominant.since == "2026-11-18T11:10:30.000Z"
 
