@@ -272,6 +272,17 @@ def test_rise_fires_when_the_decayed_share_jumps_and_rearms_once_it_fell_back_ha
     assert state.episodes[0].active and state.episodes[0].fired == 2
 
 
+def test_the_message_that_rearms_a_rule_cannot_fire_it() -> None:
+    # A half-life of 1 ms with messages 1 s apart: the mood share is the last message's anger score.
+    t = tracker(RISE, mood_half_life_s=1e-3)
+    anger = [0.3, 0.7, 0.0, 0.4, 0.42]
+    # 1: 0.7 - 0.3 fires (recovers at <= 0.3 + 0.15); 2: 0.0 recovers (1 of 2); 3: 0.4 recovers (2 of 2) and
+    # re-arms, though 0.4 is also 0.4 above the lowest point (0.0): it does not fire; 4: 0.42 fires.
+    _, fired = feed(t, [anger_at(i, a) for i, a in enumerate(anger)])
+    assert sorted(fired) == [1, 4]
+    assert fired[4][0].episode == 2
+
+
 def test_rise_looks_back_only_within_s() -> None:
     t = tracker(RISE, mood_half_life_s=1e12)
     # One message every 150 s (the lookback of 262.5 to 300 s holds the previous message only): mean anger
