@@ -34,12 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from stream_app.kafka_admin import create_topics
-from stream_app.kafka_clients import chat_message, produce_all
-from stream_app.kafka_local import free_port, local_kafka
-from stream_app.local_stack import wait_ready, worker_process
-from stream_app.processes import exit_on_sigterm
+from stream_app.devtools.clients import chat_message, produce_all
+from stream_app.devtools.kafka_local import free_port, local_kafka
+from stream_app.devtools.processes import exit_on_sigterm
+from stream_app.devtools.stack import wait_ready, worker_process
 from stream_app.settings import load_settings
+from stream_app.topics import create_topics
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

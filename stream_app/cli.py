@@ -17,8 +17,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from stream_app.devtools.processes import exit_on_sigterm
 from stream_app.errors import EmotionStreamError, ModelError
-from stream_app.processes import exit_on_sigterm
 from stream_app.settings import Settings, load_settings
 
 __all__ = ["main"]
@@ -85,7 +85,7 @@ def topics(partitions: int | None) -> None:
     settings = load_settings()
     if partitions:
         settings = settings.model_copy(update={"topics": settings.topics.model_copy(update={"partitions": partitions})})
-    from stream_app.kafka_admin import ensure_topics
+    from stream_app.topics import ensure_topics
 
     ensure_topics(settings)
     click.echo("topics ready")
@@ -126,7 +126,7 @@ def demo(messages: int, rate: float, malformed: float, seed: int) -> None:
     _setup_logging("warning")
     from rich.console import Console
 
-    from stream_app.local_stack import local_stack
+    from stream_app.devtools.stack import local_stack
 
     console = Console()
     _ensure_model(settings)
@@ -165,7 +165,7 @@ async def _demo_loop(
     from rich.live import Live
     from rich.table import Table
 
-    from stream_app.kafka_clients import chat_message, consume, produce_all
+    from stream_app.devtools.clients import chat_message, consume, produce_all
 
     assert isinstance(console, Console)
     rng = random.Random(seed)

@@ -169,8 +169,8 @@ def running_target(
     With ``tag`` the topics get fresh names (``<topic>.<tag>``) and the group a fresh id, so the run
     starts from nothing; ``env`` adds ``EMOTION_STREAM_*`` overrides for the child.
     """
-    from stream_app.kafka_local import free_port
-    from stream_app.local_stack import local_stack, worker_process
+    from stream_app.devtools.kafka_local import free_port
+    from stream_app.devtools.stack import local_stack, worker_process
 
     run_dir.mkdir(parents=True, exist_ok=True)
     topics = fresh_topics(settings, tag) if tag else settings.topics

@@ -42,8 +42,8 @@ import numpy as np
 import orjson
 
 from stream_app.cache.keys import normalise
+from stream_app.devtools.clients import chat_message, open_producer
 from stream_app.errors import DataError
-from stream_app.kafka_clients import chat_message, open_producer
 from stream_app.records import parse_rfc3339
 
 __all__ = [

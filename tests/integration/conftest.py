@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from stream_app.devtools.kafka_local import LocalKafka, free_port, local_kafka
+from stream_app.devtools.processes import terminate
+from stream_app.devtools.stack import wait_ready
 from stream_app.errors import InfrastructureError, ModelError
-from stream_app.kafka_admin import create_topics
-from stream_app.kafka_local import LocalKafka, free_port, local_kafka
-from stream_app.local_stack import wait_ready
-from stream_app.processes import terminate
 from stream_app.settings import load_settings
+from stream_app.topics import create_topics
 
 pytestmark = pytest.mark.integration
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from stream_app.devtools.processes import terminate
 from stream_app.errors import InfrastructureError
-from stream_app.processes import terminate
 
 __all__ = ["KAFKA_VERSION", "LocalKafka", "ensure_kafka_libs", "free_port", "local_kafka"]
 

@@ -16,11 +16,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from stream_app.devtools.kafka_local import local_kafka
+from stream_app.devtools.processes import terminate
 from stream_app.errors import InfrastructureError
-from stream_app.kafka_admin import ensure_topics
-from stream_app.kafka_local import local_kafka
-from stream_app.processes import terminate
 from stream_app.settings import Settings
+from stream_app.topics import ensure_topics
 
 __all__ = ["Stack", "local_stack", "wait_ready", "worker_process"]
 
