@@ -1,0 +1,1 @@
+"""The Faust worker: the only package of emotion-stream that imports faust."""
