@@ -3,12 +3,24 @@
 The broker is the real Apache Kafka, resolved once from Maven Central into the cache folder
 (``<cache>/kafka-<version>/libs``) by Maven, and run with the installed JDK (17+). Nothing here is
 used when the user gives ``EMOTION_STREAM_KAFKA__BOOTSTRAP_SERVERS``.
+
+With a :class:`BrokerSecurity` the broker also listens with TLS and SASL, beside its PLAINTEXT listener
+(which the demo and most tests keep using):
+
+- ``SSL``: TLS with a certificate from a CA made at start-up; clients must present a certificate from
+  the same CA (``ssl.client.auth=required``, i.e. mutual TLS);
+- ``SASL_SSL`` and ``SASL_PLAINTEXT``: SASL PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512, one user per mechanism
+  with a random password (SCRAM users are written at ``kafka-storage format`` time with ``--add-scram``).
+
+:meth:`LocalKafka.client_settings` gives ready :class:`~stream_app.settings.KafkaSettings` for any
+listener and user; :func:`kafka_env` turns those into ``EMOTION_STREAM_KAFKA__*`` variables for a child.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import shutil
 import socket
 import struct
@@ -16,15 +28,31 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any, get_args
+
+from pydantic import SecretStr
 
 from stream_app.devtools.processes import terminate
+from stream_app.devtools.tls import TlsFiles, make_certificates
 from stream_app.errors import InfrastructureError
+from stream_app.settings import KafkaSettings, SaslMechanism, SecurityProtocol
 
-__all__ = ["KAFKA_VERSION", "LocalKafka", "ensure_kafka_libs", "free_port", "local_kafka"]
+__all__ = [
+    "KAFKA_CONNECTION_FIELDS",
+    "KAFKA_VERSION",
+    "BrokerSecurity",
+    "LocalKafka",
+    "SaslUser",
+    "ensure_kafka_libs",
+    "free_port",
+    "kafka_env",
+    "local_kafka",
+    "without_kafka_connection",
+]
 
 KAFKA_VERSION = "4.4.0"
 _log = logging.getLogger(__name__)
@@ -102,6 +130,65 @@ def _metadata_request_ok(host: str, port: int, timeout_s: float) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class SaslUser:
+    """A SASL user the local broker knows, for one mechanism."""
+
+    mechanism: SaslMechanism
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class BrokerSecurity:
+    """TLS material and SASL users of a local broker's secure listeners."""
+
+    certs: TlsFiles
+    users: tuple[SaslUser, ...]
+
+    @classmethod
+    def generate(cls, folder: Path) -> BrokerSecurity:
+        """Fresh certificates in ``folder`` and one user per SASL mechanism, each with a random password."""
+        users = tuple(
+            SaslUser(m, f"{m.lower().replace('-', '')}-user", secrets.token_urlsafe(16))
+            for m in get_args(SaslMechanism)
+        )
+        return cls(make_certificates(folder), users)
+
+    def user(self, mechanism: SaslMechanism) -> SaslUser:
+        """The user of ``mechanism``."""
+        return next(u for u in self.users if u.mechanism == mechanism)
+
+    def properties(self) -> dict[str, str]:
+        """Broker settings for the secure listeners (the listener lists themselves are the broker's)."""
+        props = {
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.location": str(self.certs.server_keystore),
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(self.certs.ca_cert),
+            "listener.name.ssl.ssl.client.auth": "required",
+            "sasl.enabled.mechanisms": ",".join(get_args(SaslMechanism)),
+        }
+        plain = " ".join(f'user_{u.username}="{u.password}"' for u in self.users if u.mechanism == "PLAIN")
+        for listener in ("sasl_ssl", "sasl_plaintext"):
+            props[f"listener.name.{listener}.plain.sasl.jaas.config"] = (
+                f"org.apache.kafka.common.security.plain.PlainLoginModule required {plain};"
+            )
+            for mechanism in ("scram-sha-256", "scram-sha-512"):
+                props[f"listener.name.{listener}.{mechanism}.sasl.jaas.config"] = (
+                    "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+                )
+        return props
+
+    def format_args(self) -> list[str]:
+        """``kafka-storage format`` arguments that create the SCRAM users."""
+        args = []
+        for u in self.users:
+            if u.mechanism.startswith("SCRAM"):
+                args += ["--add-scram", f"{u.mechanism}=[name={u.username},password={u.password}]"]
+        return args
+
+
 @dataclass
 class LocalKafka:
     """A running single-node broker+controller; use :func:`local_kafka` or :meth:`start`/:meth:`stop`."""
@@ -112,22 +199,79 @@ class LocalKafka:
     controller_port: int = field(default_factory=free_port)
     heap_mb: int = 512
     process: subprocess.Popen[bytes] | None = None
+    security: BrokerSecurity | None = None
+    """With it, the broker also listens on :attr:`secure_ports` (SSL, SASL_SSL, SASL_PLAINTEXT)."""
+    secure_ports: dict[SecurityProtocol, int] = field(
+        default_factory=lambda: {p: free_port() for p in ("SSL", "SASL_SSL", "SASL_PLAINTEXT")}
+    )
 
     @property
     def bootstrap_servers(self) -> str:
+        """The PLAINTEXT listener."""
         return f"127.0.0.1:{self.port}"
 
-    def _write_config(self) -> Path:
+    @property
+    def listeners(self) -> dict[SecurityProtocol, str]:
+        """``host:port`` of every listener, by security protocol (PLAINTEXT only without security)."""
+        found: dict[SecurityProtocol, str] = {"PLAINTEXT": self.bootstrap_servers}
+        if self.security is not None:
+            found |= {protocol: f"127.0.0.1:{port}" for protocol, port in self.secure_ports.items()}
+        return found
+
+    def bootstrap(self, protocol: SecurityProtocol = "PLAINTEXT", host: str = "127.0.0.1") -> str:
+        """``host:port`` of the listener for ``protocol``."""
+        if protocol == "PLAINTEXT":
+            return f"{host}:{self.port}"
+        if self.security is None:
+            raise InfrastructureError(f"this local Kafka has no {protocol} listener (started without security)")
+        return f"{host}:{self.secure_ports[protocol]}"
+
+    def client_settings(
+        self,
+        protocol: SecurityProtocol = "PLAINTEXT",
+        mechanism: SaslMechanism = "PLAIN",
+        *,
+        client_cert: bool = True,
+        **overrides: Any,
+    ) -> KafkaSettings:
+        """Client settings that work against the listener for ``protocol`` (as user of ``mechanism`` for
+        SASL, with the client certificate for SSL unless ``client_cert=False``); ``overrides`` replace
+        any field, e.g. a wrong ``sasl_password`` or another ``ssl_cafile``."""
+        values: dict[str, Any] = {"bootstrap_servers": self.bootstrap(protocol), "security_protocol": protocol}
+        if self.security is not None and protocol in ("SSL", "SASL_SSL"):
+            values["ssl_cafile"] = self.security.certs.ca_cert
+            if protocol == "SSL" and client_cert:
+                values["ssl_certfile"] = self.security.certs.client_cert
+                values["ssl_keyfile"] = self.security.certs.client_key
+                values["ssl_key_password"] = SecretStr(self.security.certs.client_key_password)
+        if self.security is not None and protocol in ("SASL_SSL", "SASL_PLAINTEXT"):
+            user = self.security.user(mechanism)
+            values |= {"sasl_mechanism": mechanism, "sasl_username": user.username,
+                       "sasl_password": SecretStr(user.password)}  # fmt: skip
+        return KafkaSettings(**(values | overrides))
+
+    def _listeners(self) -> dict[str, int]:
+        listeners: dict[str, int] = {"PLAINTEXT": self.port}
+        if self.security is not None:
+            listeners.update({str(name): port for name, port in self.secure_ports.items()})
+        return listeners
+
+    def write_config(self) -> Path:
+        """Write ``server.properties`` (and the log4j2 configuration) into :attr:`run_dir`; its path."""
         log_dirs = self.run_dir / "data"
         log_dirs.mkdir(parents=True, exist_ok=True)
+        listeners = self._listeners()
+        advertised = ",".join(f"{name}://127.0.0.1:{port}" for name, port in listeners.items())
         props = {
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.bootstrap.servers": f"127.0.0.1:{self.controller_port}",
-            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "listeners": f"{advertised},CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": advertised,
             "controller.listener.names": "CONTROLLER",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "listener.security.protocol.map": ",".join(f"{n}:{n}" for n in [*listeners, "CONTROLLER"]).replace(
+                "CONTROLLER:CONTROLLER", "CONTROLLER:PLAINTEXT"
+            ),
             "inter.broker.listener.name": "PLAINTEXT",
             "log.dirs": str(log_dirs),
             "num.partitions": "1",
@@ -141,6 +285,7 @@ class LocalKafka:
             "group.classic.min.session.timeout.ms": "1000",
             "auto.create.topics.enable": "false",
             "log.flush.interval.messages": "9223372036854775807",
+            **(self.security.properties() if self.security is not None else {}),
         }
         cfg = self.run_dir / "server.properties"
         cfg.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
@@ -161,9 +306,12 @@ class LocalKafka:
         return [java, *opts, "-cp", f"{self.libs}/*", *args]
 
     def start(self, timeout_s: float = 90.0) -> LocalKafka:
-        cfg = self._write_config()
+        cfg = self.write_config()
+        scram = self.security.format_args() if self.security is not None else []
         fmt = subprocess.run(
-            self._java("kafka.tools.StorageTool", "format", "--standalone", "-t", str(uuid.uuid4()), "-c", str(cfg)),
+            self._java(
+                "kafka.tools.StorageTool", "format", "--standalone", "-t", str(uuid.uuid4()), "-c", str(cfg), *scram
+            ),
             capture_output=True,
             text=True,
             check=False,
@@ -198,15 +346,61 @@ class LocalKafka:
 
 
 @contextlib.contextmanager
-def local_kafka(cache_dir: Path, run_dir: Path | None = None, *, heap_mb: int = 512) -> Iterator[LocalKafka]:
-    """Run a local broker for the duration of the ``with`` block; its data folder is removed afterwards."""
+def local_kafka(
+    cache_dir: Path, run_dir: Path | None = None, *, heap_mb: int = 512, secure: bool = False
+) -> Iterator[LocalKafka]:
+    """Run a local broker for the duration of the ``with`` block; its data folder is removed afterwards.
+
+    ``secure=True`` adds the SSL, SASL_SSL and SASL_PLAINTEXT listeners, with certificates and users made
+    now in ``<run_dir>/tls`` (see :class:`BrokerSecurity`).
+    """
     libs = ensure_kafka_libs(cache_dir)
     owned = run_dir is None
     folder = Path(tempfile.mkdtemp(prefix="emotion-kafka-")) if run_dir is None else run_dir
-    kafka = LocalKafka(libs=libs, run_dir=folder, heap_mb=heap_mb)
+    security = BrokerSecurity.generate(folder / "tls") if secure else None
+    kafka = LocalKafka(libs=libs, run_dir=folder, heap_mb=heap_mb, security=security)
     try:
         yield kafka.start()
     finally:
         kafka.stop()
         if owned:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+KAFKA_CONNECTION_FIELDS = (
+    "bootstrap_servers",
+    "security_protocol",
+    "sasl_mechanism",
+    "sasl_username",
+    "sasl_password",
+    "ssl_cafile",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_key_password",
+    "ssl_check_hostname",
+)
+"""The :class:`~stream_app.settings.KafkaSettings` fields that say where the cluster is and how to log in."""
+
+
+def kafka_env(kafka: KafkaSettings) -> dict[str, str]:
+    """``EMOTION_STREAM_KAFKA__*`` variables that make a child process (a worker) load ``kafka``'s
+    connection and security fields (secrets included: keep the mapping out of logs).
+
+    Unset file settings are left out (an empty variable would read as a path); a caller that starts from
+    its own environment should drop inherited ``KAFKA_CONNECTION_FIELDS`` variables first
+    (:func:`without_kafka_connection`).
+    """
+    env = {}
+    for name in KAFKA_CONNECTION_FIELDS:
+        value = getattr(kafka, name)
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if value is not None:
+            env[f"EMOTION_STREAM_KAFKA__{name.upper()}"] = str(value)
+    return env
+
+
+def without_kafka_connection(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` without the variables of :data:`KAFKA_CONNECTION_FIELDS` (other settings are kept)."""
+    drop = {f"EMOTION_STREAM_KAFKA__{name.upper()}" for name in KAFKA_CONNECTION_FIELDS}
+    return {k: v for k, v in env.items() if k.upper() not in drop}
