@@ -34,12 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from stream_app.kafka_admin import create_topics
-from stream_app.kafka_clients import chat_message, produce_all
-from stream_app.kafka_local import free_port, local_kafka
-from stream_app.local_stack import wait_ready, worker_process
-from stream_app.processes import exit_on_sigterm
+from stream_app.devtools.clients import chat_message, produce_all
+from stream_app.devtools.kafka_local import free_port, local_kafka
+from stream_app.devtools.processes import exit_on_sigterm
+from stream_app.devtools.stack import wait_ready, worker_process
 from stream_app.settings import load_settings
+from stream_app.topics import ensure_topics
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -153,7 +153,7 @@ def main(messages: int, cache: bool, out: Path, variants: str, rounds: int) -> N
     with tempfile.TemporaryDirectory(prefix="drain-") as tmp, local_kafka(settings.data.cache_dir) as kafka:
         bootstrap = kafka.bootstrap_servers
         topics = [t.input, t.events, t.metrics, t.dead_letters]
-        asyncio.run(create_topics(bootstrap, topics, t.partitions))
+        asyncio.run(ensure_topics(bootstrap, topics, t.partitions))
         records = [chat_message(f"m-{i}", f"c-{i % 500}", text) for i, text in enumerate(texts)]
         asyncio.run(produce_all(bootstrap, t.input, records))
         runs: dict[str, dict[str, Any]] = {}
@@ -163,7 +163,7 @@ def main(messages: int, cache: bool, out: Path, variants: str, rounds: int) -> N
             for name in names:
                 tag = f"{name}-{round_no}"
                 events = f"{t.events}.{tag}"
-                asyncio.run(create_topics(bootstrap, [events], t.partitions))
+                asyncio.run(ensure_topics(bootstrap, [events], t.partitions))
                 port = free_port()
                 env = {
                     **os.environ,

@@ -45,11 +45,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from stream_app.kafka_admin import create_topics
-from stream_app.kafka_local import free_port, local_kafka
-from stream_app.processes import exit_on_sigterm, terminate
+from stream_app.devtools.kafka_local import free_port, local_kafka
+from stream_app.devtools.processes import exit_on_sigterm, terminate
 from stream_app.service import resolve_model_path
 from stream_app.settings import load_settings
+from stream_app.topics import ensure_topics
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -245,7 +245,7 @@ def _run_variant(
         "metrics": f"bench.metrics.{tag}",
         "dlq": f"bench.dlq.{tag}",
     }
-    asyncio.run(create_topics(bootstrap, list(topics.values()), partitions))
+    asyncio.run(ensure_topics(bootstrap, list(topics.values()), partitions))
     group = f"bench-{variant}-{tag}"
     procs: list[subprocess.Popen[bytes]] = []
     logs: list[Path] = []

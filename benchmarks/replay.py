@@ -42,7 +42,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stream_app.kafka_local import local_kafka
+from stream_app.devtools.kafka_local import local_kafka
+from stream_app.devtools.processes import exit_on_sigterm
 from stream_app.perf_commands import (
     RunningTarget,
     plot_sweep,
@@ -52,7 +53,6 @@ from stream_app.perf_commands import (
     sweep,
     warm_up,
 )
-from stream_app.processes import exit_on_sigterm
 from stream_app.profiler import profile_replay, write_profile
 from stream_app.replay import ReplayReport, build_corpus, load_texts, write_report
 from stream_app.settings import Settings, load_settings

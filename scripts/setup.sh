@@ -29,7 +29,7 @@ fi
 ln -sfn "$VENV" .venv
 
 echo "==> Apache Kafka jars"
-.venv/bin/python -c 'from stream_app.kafka_local import ensure_kafka_libs; from stream_app.settings import load_settings; print(ensure_kafka_libs(load_settings().data.cache_dir))'
+.venv/bin/python -c 'from stream_app.devtools.kafka_local import ensure_kafka_libs; from stream_app.settings import load_settings; print(ensure_kafka_libs(load_settings().data.cache_dir))'
 
 if [ "${EMOTION_STREAM_SKIP_MODEL:-0}" != "1" ]; then
   echo "==> emotion model (built once; later runs reuse the cache)"

@@ -19,7 +19,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -28,6 +28,7 @@ import numpy.typing as npt
 
 from stream_app.cache.keys import normalise
 from stream_app.errors import DecodeError, EngineError, InputError, ModelError, TextTooLongError
+from stream_app.kafka_config import aiokafka_auth
 from stream_app.metrics import Metrics
 from stream_app.records import (
     CacheInfo,
@@ -143,6 +144,8 @@ class BaselineConfig:
     producer_acks: Literal["all", 1] = "all"
     producer_linger_ms: int = 2
     fetch_max_records: int = 100
+    security: Mapping[str, Any] = field(default_factory=dict)
+    """aiokafka security arguments (:func:`stream_app.kafka_config.aiokafka_auth`); empty = PLAINTEXT."""
 
     @classmethod
     def from_settings(cls, settings: Settings, group_id: str | None = None) -> BaselineConfig:
@@ -150,6 +153,7 @@ class BaselineConfig:
         k, t, m = settings.kafka, settings.topics, settings.model
         return cls(
             bootstrap_servers=k.bootstrap_servers,
+            security=aiokafka_auth(k),
             input_topic=t.input,
             events_topic=t.events,
             dead_letters_topic=t.dead_letters,
@@ -297,12 +301,14 @@ async def run_baseline(
         auto_offset_reset="earliest",
         session_timeout_ms=cfg.session_timeout_ms,
         heartbeat_interval_ms=cfg.heartbeat_interval_ms,
+        **cfg.security,
     )
     producer = AIOKafkaProducer(
         bootstrap_servers=cfg.bootstrap_servers,
         client_id=cfg.client_id,
         acks=cfg.producer_acks,
         linger_ms=cfg.producer_linger_ms,
+        **cfg.security,
     )
     await producer.start()
     await consumer.start()

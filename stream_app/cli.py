@@ -16,10 +16,11 @@ from pathlib import Path
 
 import click
 import numpy as np
+from pydantic import ValidationError
 
-from stream_app.errors import ModelError
-from stream_app.processes import exit_on_sigterm
-from stream_app.settings import Settings, load_settings
+from stream_app.devtools.processes import exit_on_sigterm
+from stream_app.errors import EmotionStreamError, ModelError
+from stream_app.settings import KafkaSettings, Settings, load_settings
 
 __all__ = ["main"]
 
@@ -33,6 +34,19 @@ def _setup_logging(level: str) -> None:
     )
 
 
+def _load_settings() -> Settings:
+    """The settings, or a one-line error naming each invalid variable (instead of pydantic's report)."""
+    try:
+        return load_settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            where = "__".join(str(part) for part in error["loc"]).upper()
+            message = str(error["msg"]).removeprefix("Value error, ")
+            problems.append(f"EMOTION_STREAM_{where}: {message}" if where else message)
+        raise click.ClickException(f"invalid settings: {'; '.join(problems)}") from None
+
+
 @click.group()
 def main() -> None:
     """emotion-stream: classify the emotion of chat messages flowing through Kafka."""
@@ -43,7 +57,7 @@ def main() -> None:
 @main.command()
 def worker() -> None:
     """Run one worker against the cluster in EMOTION_STREAM_KAFKA__BOOTSTRAP_SERVERS."""
-    settings = load_settings()
+    settings = _load_settings()
     from stream_app.worker.logs import setup_logging
 
     setup_logging(settings.worker.log_level)
@@ -63,15 +77,41 @@ def worker() -> None:
 
 
 @main.command()
-@click.option("--partitions", type=int, default=None, help="Partitions for topics that do not exist yet.")
-def topics(partitions: int | None) -> None:
-    """Create the input, events, metrics and dead-letter topics (existing ones are kept)."""
-    settings = load_settings()
-    if partitions:
-        settings = settings.model_copy(update={"topics": settings.topics.model_copy(update={"partitions": partitions})})
-    from stream_app.kafka_admin import ensure_topics
+@click.option(
+    "--partitions",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Partitions of the topics to create (default: EMOTION_STREAM_TOPICS__PARTITIONS). An existing topic "
+    "with another count is left unchanged and makes the command fail.",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Seconds to wait for the cluster before giving up (default: EMOTION_STREAM_KAFKA__ADMIN_TIMEOUT_S).",
+)
+def topics(partitions: int | None, timeout_s: float | None) -> None:
+    """Create the input, events, metrics and dead-letter topics (existing ones are kept and reported)."""
+    settings = _load_settings()
+    if not settings.kafka.bootstrap_servers:
+        raise click.ClickException("no cluster given: set EMOTION_STREAM_KAFKA__BOOTSTRAP_SERVERS (host:port,...)")
+    # aiokafka logs every failed connection attempt; the one error below says why, once
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    from stream_app.topics import ensure_app_topics
 
-    ensure_topics(settings)
+    try:
+        report = ensure_app_topics(settings, partitions=partitions, timeout_s=timeout_s)
+    except EmotionStreamError as exc:
+        raise click.ClickException(str(exc)) from None
+    for line in report.lines():
+        click.echo(line)
+    if partitions is not None and report.mismatched:
+        names = ", ".join(f"{name} ({n})" for name, n in report.mismatched.items())
+        raise click.ClickException(
+            f"{names} already exist with another partition count than --partitions {partitions}; Kafka can add "
+            "partitions to a topic (kafka-topics.sh --alter --partitions N) but never remove them"
+        )
     click.echo("topics ready")
 
 
@@ -106,11 +146,11 @@ def _ensure_model(settings: Settings) -> None:
 @click.option("--seed", type=int, default=7, show_default=True)
 def demo(messages: int, rate: float, malformed: float, seed: int) -> None:
     """Start a local Kafka (unless bootstrap servers are set), a worker, and replay chat messages."""
-    settings = load_settings()
+    settings = _load_settings()
     _setup_logging("warning")
     from rich.console import Console
 
-    from stream_app.local_stack import local_stack
+    from stream_app.devtools.stack import local_stack
 
     console = Console()
     _ensure_model(settings)
@@ -127,7 +167,7 @@ def demo(messages: int, rate: float, malformed: float, seed: int) -> None:
             )
             texts = _demo_texts(settings, messages, seed)
             asyncio.run(
-                _demo_loop(console, settings, running.bootstrap_servers, texts, rate, malformed, seed, running.worker,
+                _demo_loop(console, settings, running.kafka, texts, rate, malformed, seed, running.worker,
                            running.worker_log)
             )  # fmt: skip
         except KeyboardInterrupt:
@@ -137,7 +177,7 @@ def demo(messages: int, rate: float, malformed: float, seed: int) -> None:
 async def _demo_loop(
     console: object,
     settings: Settings,
-    bootstrap: str,
+    kafka: KafkaSettings,
     texts: list[str],
     rate: float,
     malformed: float,
@@ -149,7 +189,7 @@ async def _demo_loop(
     from rich.live import Live
     from rich.table import Table
 
-    from stream_app.kafka_clients import chat_message, consume, produce_all
+    from stream_app.devtools.clients import chat_message, consume, produce_all
 
     assert isinstance(console, Console)
     rng = random.Random(seed)
@@ -165,7 +205,7 @@ async def _demo_loop(
         sent_at[f"m-{n}"] = ts
 
     t = settings.topics
-    producer = asyncio.create_task(produce_all(bootstrap, t.input, records, rate_per_s=rate or None, on_sent=on_sent))
+    producer = asyncio.create_task(produce_all(kafka, t.input, records, rate_per_s=rate or None, on_sent=on_sent))
     recent: deque[tuple[str, str, str, float, str, float]] = deque(maxlen=14)
     labels: Counter[str] = Counter()
     latencies: list[float] = []
@@ -186,7 +226,7 @@ async def _demo_loop(
             table.add_row(conv, text, label, f"{score:.2f}", cache, f"{e2e:.0f}")
         return table
 
-    stream = consume(bootstrap, [t.events, t.dead_letters], idle_timeout_s=60)
+    stream = consume(kafka, [t.events, t.dead_letters], idle_timeout_s=60)
     async with contextlib.aclosing(stream) as incoming:
         with Live(render(), console=console, refresh_per_second=8) as live:
             async for rec in incoming:

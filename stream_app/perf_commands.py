@@ -28,7 +28,7 @@ from typing import Any, Literal
 import click
 
 from stream_app.errors import EmotionStreamError, ModelError
-from stream_app.settings import Settings, TopicSettings, load_settings
+from stream_app.settings import KafkaSettings, Settings, TopicSettings, load_settings
 
 __all__ = [
     "RunningTarget",
@@ -85,7 +85,7 @@ class RunningTarget:
     metrics_port: int
     log_path: Path
     group_id: str
-    bootstrap: str
+    kafka: KafkaSettings
     topics: TopicSettings
     settings: Settings
     started_mono: float = 0.0  # when the process was launched (local_stack may already wait for it)
@@ -169,8 +169,8 @@ def running_target(
     With ``tag`` the topics get fresh names (``<topic>.<tag>``) and the group a fresh id, so the run
     starts from nothing; ``env`` adds ``EMOTION_STREAM_*`` overrides for the child.
     """
-    from stream_app.kafka_local import free_port
-    from stream_app.local_stack import local_stack, worker_process
+    from stream_app.devtools.kafka_local import free_port
+    from stream_app.devtools.stack import local_stack, worker_process
 
     run_dir.mkdir(parents=True, exist_ok=True)
     topics = fresh_topics(settings, tag) if tag else settings.topics
@@ -190,13 +190,12 @@ def running_target(
     with local_stack(cell, run_dir, start_worker=kind == "worker", env=child_env) as stack:
         if kind == "worker":
             assert stack.worker is not None
-            bootstrap = stack.bootstrap_servers
-            yield RunningTarget(kind, stack.worker, port, stack.worker_log, group, bootstrap, topics, cell, launched)
+            yield RunningTarget(kind, stack.worker, port, stack.worker_log, group, stack.kafka, topics, cell, launched)
             return
         log = run_dir / "baseline.log"
         launched = time.monotonic()
         with worker_process(stack.env, log, command=("baseline",)) as proc:
-            yield RunningTarget(kind, proc, port, log, group, stack.bootstrap_servers, topics, cell, launched)
+            yield RunningTarget(kind, proc, port, log, group, stack.kafka, topics, cell, launched)
 
 
 def warm_up(target: RunningTarget, n: int = 40, timeout_s: float = 300.0) -> Any:
@@ -207,7 +206,7 @@ def warm_up(target: RunningTarget, n: int = 40, timeout_s: float = 300.0) -> Any
     texts = [f"warm-up message {i}: the worker is starting, nothing to feel about it" for i in range(n)]
     corpus = build_corpus(texts, n, conversations=max(1, n // 2), seed=0, id_prefix=f"warm{uuid.uuid4().hex[:6]}")
     report = asyncio.run(
-        run_replay(target.bootstrap, target.topics, corpus, None, None, timeout_s, progress=False, linger_s=0.5,
+        run_replay(target.kafka, target.topics, corpus, None, None, timeout_s, progress=False, linger_s=0.5,
                    should_abort=target.exit_reason)
     )  # fmt: skip
     if not report.completed:
@@ -240,7 +239,7 @@ def replay_target(
     }
     return asyncio.run(
         run_replay(
-            target.bootstrap,
+            target.kafka,
             target.topics,
             corpus,
             rate_per_s or None,
@@ -410,7 +409,7 @@ def replay(
                 "--no-start-worker needs a cluster: --bootstrap or EMOTION_STREAM_KAFKA__BOOTSTRAP_SERVERS"
             )
         report = asyncio.run(
-            run_replay(settings.kafka.bootstrap_servers, settings.topics, corpus, rate or None,
+            run_replay(settings.kafka, settings.topics, corpus, rate or None,
                        group or settings.worker.app_id, timeout_s, not no_progress, producers=producers,
                        run_info={**run_info, "max_batch_size": settings.batching.max_batch_size})
         )  # fmt: skip

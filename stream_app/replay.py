@@ -42,8 +42,9 @@ import numpy as np
 import orjson
 
 from stream_app.cache.keys import normalise
+from stream_app.devtools.clients import chat_message, open_producer
 from stream_app.errors import DataError
-from stream_app.kafka_clients import chat_message, open_producer
+from stream_app.kafka_config import KafkaTarget, aiokafka_client_kwargs, as_kafka_settings
 from stream_app.records import parse_rfc3339
 
 __all__ = [
@@ -785,7 +786,7 @@ async def _lag(admin: Any, consumer: Any, group: str, parts: Sequence[Any], star
 
 
 async def run_replay(
-    bootstrap: str,
+    kafka: KafkaTarget,
     topics: ReplayTopics,
     corpus: Corpus,
     rate_per_s: float | None,
@@ -802,7 +803,7 @@ async def run_replay(
     """Produce ``corpus`` to ``topics.input`` and account for every message (see the module docstring).
 
     Args:
-        bootstrap: Kafka bootstrap servers.
+        kafka: the cluster's settings (security included), or a bare bootstrap string for a PLAINTEXT one.
         topics: where to produce and what to read back.
         corpus: from :func:`build_corpus`.
         rate_per_s: offered messages per second, or None/0 for as fast as the producer goes.
@@ -823,8 +824,11 @@ async def run_replay(
 
     acc = ReplayAccounting(corpus, input_topic=topics.input)
     producer: Any = None
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="emotion-stream-replay")
+    cluster = as_kafka_settings(kafka)
+    consumer = AIOKafkaConsumer(
+        **aiokafka_client_kwargs(cluster, client_id="emotion-stream-replay"), group_id=None, enable_auto_commit=False
+    )
+    admin = AIOKafkaAdminClient(**aiokafka_client_kwargs(cluster, client_id="emotion-stream-replay-admin"))
     await consumer.start()
     await admin.start()
     tasks: list[asyncio.Task[None]] = []
@@ -839,7 +843,7 @@ async def run_replay(
         for tp, offset in ends.items():
             consumer.seek(tp, offset)
         start_offsets: dict[Any, int] = dict(await consumer.end_offsets(in_parts))
-        producer = await open_producer(bootstrap)
+        producer = await open_producer(cluster)
         started = time.time()
         acc.not_before = started
         deadline = time.monotonic() + timeout_s
@@ -949,7 +953,7 @@ async def run_replay(
         await admin.close()
     info = {
         **(run_info or {}),
-        "bootstrap": bootstrap,
+        "bootstrap": cluster.bootstrap_servers,
         "topics": {"input": topics.input, "events": topics.events, "metrics": topics.metrics,
                    "dead_letters": topics.dead_letters},
         "group": group_id_to_watch,

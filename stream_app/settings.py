@@ -23,6 +23,8 @@ __all__ = [
     "KafkaSettings",
     "MetricsSettings",
     "ModelSettings",
+    "SaslMechanism",
+    "SecurityProtocol",
     "Settings",
     "TopicSettings",
     "WorkerSettings",
@@ -49,21 +51,80 @@ class _Group(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+
+
 class KafkaSettings(_Group):
+    """How to reach and authenticate to the cluster.
+
+    Every Kafka client of this project (the worker, ``emotion-stream topics``, the demo, replay and the
+    tests' clients) is configured from this group through :mod:`stream_app.kafka_config`, so a
+    security setting means the same thing everywhere. Combinations that cannot work, or settings that
+    the chosen ``security_protocol`` would silently ignore, are refused when the settings load.
+    """
+
     bootstrap_servers: str = Field(
         "",
         description="Kafka bootstrap servers, comma-separated host:port. Empty means: the demo starts a "
         "local Apache Kafka on loopback; the worker refuses to start without it.",
     )
     client_id: str = Field("emotion-stream", description="Client id sent to the brokers (appears in broker logs).")
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
-        "PLAINTEXT", description="Kafka security.protocol; SASL needs sasl_username/sasl_password."
+    security_protocol: SecurityProtocol = Field(
+        "PLAINTEXT",
+        description="Kafka security.protocol. PLAINTEXT: no encryption, no authentication (a private "
+        "network only). SSL: TLS encryption, the broker proven by its certificate, the client optionally by "
+        "ssl_certfile (mutual TLS). SASL_SSL: TLS plus a SASL user and password; the usual choice for a "
+        "shared or managed cluster. SASL_PLAINTEXT: SASL without TLS; with mechanism PLAIN the password "
+        "crosses the network in clear text.",
     )
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
-        "PLAIN", description="Kafka sasl.mechanism, used when security_protocol is SASL_*."
+    sasl_mechanism: SaslMechanism = Field(
+        "PLAIN",
+        description="Kafka sasl.mechanism for SASL_*. PLAIN sends the password itself (safe only inside "
+        "TLS); SCRAM-SHA-256/512 prove it by challenge-response, so a captured exchange does not reveal "
+        "it, at the cost of a user the broker must know as a SCRAM credential.",
     )
-    sasl_username: str = Field("", description="SASL user name.")
-    sasl_password: SecretStr = Field(SecretStr(""), description="SASL password (never logged).")
+    sasl_username: str = Field("", description="SASL user name; required with SASL_*, refused without.")
+    sasl_password: SecretStr = Field(
+        SecretStr(""), description="SASL password (never logged); required with SASL_*, refused without."
+    )
+    ssl_cafile: Path | None = Field(
+        None,
+        description="PEM file of the CA certificate(s) that signed the brokers' certificates (Kafka "
+        "ssl.truststore.location with a PEM truststore; librdkafka ssl.ca.location). Unset: the system's "
+        "trust store, right for a public CA; a private CA must be named here.",
+    )
+    ssl_certfile: Path | None = Field(
+        None,
+        description="PEM client certificate chain for mutual TLS (Kafka ssl.keystore.location; librdkafka "
+        "ssl.certificate.location); it may also hold the key. Only for brokers that authenticate clients "
+        "by certificate (ssl.client.auth=required).",
+    )
+    ssl_keyfile: Path | None = Field(
+        None,
+        description="PEM private key of ssl_certfile when it is not in that file (librdkafka "
+        "ssl.key.location). Keep it readable by the worker's user only.",
+    )
+    ssl_key_password: SecretStr = Field(
+        SecretStr(""),
+        description="Password of an encrypted ssl_keyfile (Kafka ssl.key.password; never logged). Empty: "
+        "the key is not encrypted, and file permissions alone protect it.",
+    )
+    ssl_check_hostname: bool = Field(
+        True,
+        description="Check that each broker's certificate names the host connected to (Kafka "
+        "ssl.endpoint.identification.algorithm=https, its default). Turning it off (Kafka's empty value) "
+        "still verifies the certificate chain against ssl_cafile, but any holder of a certificate from that "
+        "CA can then impersonate a broker; only for certificates without the brokers' names.",
+    )
+    admin_timeout_s: float = Field(
+        15.0,
+        gt=0,
+        description="Longest `emotion-stream topics` and the start-up topic checks wait for the cluster "
+        "(connect, authenticate, metadata, topic creation) before failing with a one-line error (Kafka's "
+        "default.api.timeout.ms for admin calls). Shorter fails fast on a wrong address; too short fails "
+        "on a slow or distant cluster.",
+    )
     session_timeout_s: float = Field(
         10.0,
         ge=6.0,
@@ -119,6 +180,68 @@ class KafkaSettings(_Group):
         "answered for this long. Readiness turns 503 much sooner; this bounds how long a worker sits "
         "cut off holding partitions.",
     )
+
+    @property
+    def uses_ssl(self) -> bool:
+        """True when connections are TLS-encrypted (SSL or SASL_SSL)."""
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
+    @property
+    def uses_sasl(self) -> bool:
+        """True when connections authenticate with SASL (SASL_PLAINTEXT or SASL_SSL)."""
+        return self.security_protocol in ("SASL_PLAINTEXT", "SASL_SSL")
+
+    @model_validator(mode="after")
+    def _consistent_security(self) -> KafkaSettings:
+        problems = []
+        protocol = f"security_protocol={self.security_protocol}"
+        if self.uses_sasl:
+            if not self.sasl_username:
+                problems.append(f"{protocol} needs sasl_username (EMOTION_STREAM_KAFKA__SASL_USERNAME)")
+            if not self.sasl_password.get_secret_value():
+                problems.append(f"{protocol} needs sasl_password (EMOTION_STREAM_KAFKA__SASL_PASSWORD)")
+        elif self.sasl_username or self.sasl_password.get_secret_value():
+            problems.append(
+                f"sasl_username/sasl_password are set but {protocol} does not use SASL, so they would be "
+                "ignored; use SASL_SSL (or SASL_PLAINTEXT) or unset them"
+            )
+        if not self.uses_ssl:
+            ignored = [
+                name
+                for name, value in (
+                    ("ssl_cafile", self.ssl_cafile),
+                    ("ssl_certfile", self.ssl_certfile),
+                    ("ssl_keyfile", self.ssl_keyfile),
+                    ("ssl_key_password", self.ssl_key_password.get_secret_value()),
+                )
+                if value
+            ]
+            if ignored:
+                problems.append(
+                    f"{', '.join(ignored)} set but {protocol} does not use TLS, so they would be ignored; use "
+                    "SSL or SASL_SSL or unset them"
+                )
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            problems.append("ssl_keyfile needs ssl_certfile (the certificate that key belongs to)")
+        if self.ssl_key_password.get_secret_value() and self.ssl_certfile is None:
+            problems.append("ssl_key_password needs ssl_certfile (and ssl_keyfile unless the key is in it)")
+        problems += _bootstrap_problems(self.bootstrap_servers)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def _bootstrap_problems(servers: str) -> list[str]:
+    """What is wrong with a comma-separated host:port list (empty is allowed: the demo starts a broker)."""
+    if not servers.strip():
+        return []
+    problems = []
+    for entry in servers.split(","):
+        entry = entry.strip()
+        host, sep, port = entry.rpartition(":")
+        if not entry or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            problems.append(f"bootstrap_servers entry {entry!r} is not host:port")
+    return problems
 
 
 class TopicSettings(_Group):

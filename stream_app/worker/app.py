@@ -36,6 +36,7 @@ from stream_app.core.intake import Intake
 from stream_app.core.pipeline import Pipeline
 from stream_app.core.slots import RecordLike, Result
 from stream_app.errors import InfrastructureError
+from stream_app.kafka_config import aiokafka_client_kwargs
 from stream_app.metrics import Metrics
 from stream_app.service import Runtime
 from stream_app.settings import Settings
@@ -182,8 +183,7 @@ class Worker:
         s = self.settings
         kafka = s.kafka
         self.producer = AIOKafkaProducer(
-            bootstrap_servers=kafka.bootstrap_servers,
-            client_id=f"{kafka.client_id}-out",
+            **aiokafka_client_kwargs(kafka, client_id=f"{kafka.client_id}-out"),
             acks="all" if kafka.producer_acks == "all" else 1,
             linger_ms=kafka.producer_linger_ms,
             max_batch_size=min(512 * 1024, kafka.max_request_size_bytes),

@@ -1,7 +1,8 @@
 """What the worker checks and prepares before it joins the group.
 
 * every Kafka codec is usable (a missing library is a start-up error, not a crash on the first batch);
-* the input topic exists, and its real partition count is what the cache table gets;
+* the input topic exists, and its real partition count is what the cache table gets
+  (:func:`stream_app.topics.fetch_partition_counts`, the same call ``emotion-stream topics`` reports with);
 * the cache changelog has the input's partition count: grown when the input grew, re-created when it
   has more (it is only a cache; its local copies are then discarded by the store's consistency check).
 """
@@ -10,14 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 from aiokafka import codec
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import TopicAlreadyExistsError, for_code
 
 from stream_app.errors import ConfigError, InfrastructureError
+from stream_app.kafka_config import aiokafka_client_kwargs
 from stream_app.settings import Settings
+from stream_app.topics import fetch_partition_counts
 
 __all__ = ["align_changelog", "check_codecs", "input_partitions", "prepare"]
 
@@ -43,58 +45,14 @@ def check_codecs() -> None:
         )
 
 
-def _admin(settings: Settings) -> AIOKafkaAdminClient:
-    kafka = settings.kafka
-    return AIOKafkaAdminClient(
-        bootstrap_servers=kafka.bootstrap_servers,
-        client_id=f"{kafka.client_id}-admin",
-        request_timeout_ms=10_000,
-        **_security_kwargs(settings),
-    )
-
-
-def _security_kwargs(settings: Settings) -> dict[str, Any]:
-    kafka = settings.kafka
-    if kafka.security_protocol == "PLAINTEXT":
-        return {}
-    out: dict[str, Any] = {"security_protocol": kafka.security_protocol}
-    if kafka.security_protocol.startswith("SASL"):
-        out.update(
-            sasl_mechanism=kafka.sasl_mechanism,
-            sasl_plain_username=kafka.sasl_username,
-            sasl_plain_password=kafka.sasl_password.get_secret_value(),
-        )
-    return out
-
-
-async def _partitions(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int | None]:
-    described = await admin.describe_topics(topics)
-    out: dict[str, int | None] = {}
-    for doc in described:
-        name = doc.get("topic")
-        if doc.get("error_code", 0) != 0 or not doc.get("partitions"):
-            out[name] = None
-        else:
-            out[name] = len(doc["partitions"])
-    return out
-
-
-async def input_partitions(settings: Settings, timeout_s: float = 30.0) -> int:
+async def input_partitions(settings: Settings) -> int:
     """The input topic's partition count.
 
     Raises:
-        InfrastructureError: no broker answered within ``timeout_s``, or the topic does not exist.
+        InfrastructureError, ConfigError: the cluster cannot be used (one-line reason), or the input topic
+            does not exist.
     """
-    admin = _admin(settings)
-    try:
-        await asyncio.wait_for(admin.start(), timeout_s)
-        counts = await asyncio.wait_for(_partitions(admin, [settings.topics.input]), timeout_s)
-    except (TimeoutError, KafkaError, OSError) as exc:
-        raise InfrastructureError(
-            f"cannot reach Kafka at {settings.kafka.bootstrap_servers} within {timeout_s:.0f} s: {exc!r}"
-        ) from exc
-    finally:
-        await admin.close()
+    counts = await fetch_partition_counts(settings.kafka, [settings.topics.input])
     n = counts.get(settings.topics.input)
     if not n:
         raise InfrastructureError(
@@ -104,15 +62,19 @@ async def input_partitions(settings: Settings, timeout_s: float = 30.0) -> int:
     return n
 
 
-async def align_changelog(settings: Settings, changelog: str, partitions: int, timeout_s: float = 30.0) -> str:
+async def align_changelog(settings: Settings, changelog: str, partitions: int) -> str:
     """Give the cache changelog ``partitions`` partitions; returns what was done (``ok``, ``grown``,
     ``recreated``, ``absent``)."""
-    admin = _admin(settings)
+    current = (await fetch_partition_counts(settings.kafka, [changelog])).get(changelog)
+    if current is None or current == partitions:
+        return "absent" if current is None else "ok"
+    timeout_s = settings.kafka.admin_timeout_s
+    admin = AIOKafkaAdminClient(
+        **aiokafka_client_kwargs(settings.kafka, client_id=f"{settings.kafka.client_id}-admin"),
+        request_timeout_ms=int(timeout_s * 1000),
+    )
+    await asyncio.wait_for(admin.start(), timeout_s)
     try:
-        await asyncio.wait_for(admin.start(), timeout_s)
-        current = (await _partitions(admin, [changelog])).get(changelog)
-        if current is None or current == partitions:
-            return "absent" if current is None else "ok"
         if current < partitions:
             _log.warning("cache changelog %s has %d partitions, the input %d: adding partitions", changelog,
                          current, partitions)  # fmt: skip
@@ -121,22 +83,25 @@ async def align_changelog(settings: Settings, changelog: str, partitions: int, t
         _log.warning("cache changelog %s has %d partitions, the input only %d: re-creating it (a cache; it "
                      "refills)", changelog, current, partitions)  # fmt: skip
         await admin.delete_topics([changelog])
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while asyncio.get_running_loop().time() < deadline:
-            try:
-                await admin.create_topics(
-                    [
-                        NewTopic(
-                            name=changelog,
-                            num_partitions=partitions,
-                            replication_factor=settings.topics.replication_factor,
-                            topic_configs={"cleanup.policy": "compact"},
-                        )
-                    ]
-                )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            response = await admin.create_topics(
+                [
+                    NewTopic(
+                        name=changelog,
+                        num_partitions=partitions,
+                        replication_factor=settings.topics.replication_factor,
+                        topic_configs={"cleanup.policy": "compact"},
+                    )
+                ]
+            )
+            code = response.topic_errors[0][1]
+            if code == 0:
                 return "recreated"
-            except TopicAlreadyExistsError:  # deletion still in progress
-                await asyncio.sleep(0.5)
+            if for_code(code) is not TopicAlreadyExistsError:
+                raise InfrastructureError(f"cannot re-create {changelog}: {for_code(code).message}")
+            await asyncio.sleep(0.5)  # the deletion is still in progress
         raise InfrastructureError(f"could not re-create {changelog} within {timeout_s:.0f} s")
     finally:
         await admin.close()

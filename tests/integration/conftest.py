@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from stream_app.devtools.kafka_local import LocalKafka, free_port, local_kafka
+from stream_app.devtools.processes import terminate
+from stream_app.devtools.stack import wait_ready
 from stream_app.errors import InfrastructureError, ModelError
-from stream_app.kafka_admin import create_topics
-from stream_app.kafka_local import LocalKafka, free_port, local_kafka
-from stream_app.local_stack import wait_ready
-from stream_app.processes import terminate
 from stream_app.settings import load_settings
+from stream_app.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
 
@@ -29,6 +29,23 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="session")
 def kafka(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
     with local_kafka(cache_dir, tmp_path_factory.mktemp("kafka")) as broker:
+        yield broker
+
+
+@pytest.fixture(scope="session")
+def secure_kafka(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
+    """A second local broker with TLS and SASL listeners beside its PLAINTEXT one.
+
+    - ``secure_kafka.listeners``: ``{"PLAINTEXT"|"SSL"|"SASL_SSL"|"SASL_PLAINTEXT": "127.0.0.1:port"}``;
+    - ``secure_kafka.security.certs``: ``ca_cert`` (what ``ssl_cafile`` names), the client certificate and
+      its encrypted key (the SSL listener requires a client certificate: mutual TLS);
+    - ``secure_kafka.security.users``: one :class:`SaslUser` per mechanism (PLAIN, SCRAM-SHA-256/512);
+    - ``secure_kafka.client_settings("SASL_SSL", "SCRAM-SHA-256")``: working client ``KafkaSettings``;
+      ``kafka_env(...)`` of those makes a worker subprocess use them.
+
+    The certificates name only 127.0.0.1 (``localhost`` fails hostname verification, on purpose).
+    """
+    with local_kafka(cache_dir, tmp_path_factory.mktemp("secure-kafka"), secure=True) as broker:
         yield broker
 
 
@@ -70,7 +87,7 @@ def make_topics(kafka: LocalKafka, partitions: int = 4) -> Topics:
         partitions=partitions,
     )
     asyncio.run(
-        create_topics(
+        ensure_topics(
             kafka.bootstrap_servers,
             [topics.input, topics.events, topics.metrics, topics.dead_letters],
             partitions,

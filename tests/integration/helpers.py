@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from stream_app.kafka_clients import Received, consume, produce_all
+from stream_app.devtools.clients import Received, consume, produce_all
 
 
 def produce(bootstrap: str, topic: str, records: Sequence[tuple[bytes | None, bytes | None]]) -> None:

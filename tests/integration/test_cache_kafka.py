@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stream_app.kafka_clients import chat_message
+from stream_app.devtools.clients import chat_message
 from tests.integration.conftest import Topics, make_topics
 from tests.integration.helpers import Until, collect, dev_texts, produce
 

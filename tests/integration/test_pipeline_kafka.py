@@ -13,7 +13,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream_app.kafka_clients import chat_message
+from stream_app.devtools.clients import chat_message
 from tests.integration.conftest import make_topics
 from tests.integration.helpers import Until, collect, dev_texts, produce
 

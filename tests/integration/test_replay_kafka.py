@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from stream_app.kafka_local import free_port
+from stream_app.devtools.kafka_local import free_port
 from stream_app.profiler import SHARE_STAGES, build_profile
 from stream_app.replay import build_corpus, load_texts, run_replay, write_report
 from tests.integration.conftest import make_topics

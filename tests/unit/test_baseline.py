@@ -14,8 +14,8 @@ import orjson
 import pytest
 
 from stream_app.baseline import BaselineConfig, RawRecord, handle_record
+from stream_app.devtools.clients import chat_message
 from stream_app.errors import EngineError
-from stream_app.kafka_clients import chat_message
 from stream_app.records import DeadLetter, EmotionEvent, ModelInfo, event_id_for
 from stream_app.settings import load_settings
 

@@ -17,6 +17,8 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 def test_environment_overrides_nested_fields(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EMOTION_STREAM_BATCHING__MAX_WAIT_MS", "3.5")
     monkeypatch.setenv("EMOTION_STREAM_CACHE__L1_ENABLED", "false")
+    monkeypatch.setenv("EMOTION_STREAM_KAFKA__SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("EMOTION_STREAM_KAFKA__SASL_USERNAME", "svc")
     monkeypatch.setenv("EMOTION_STREAM_KAFKA__SASL_PASSWORD", "s3cret")
     s = load_settings()
     assert s.batching.max_wait_ms == 3.5

@@ -16,11 +16,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from stream_app.devtools.kafka_local import kafka_env, local_kafka, without_kafka_connection
+from stream_app.devtools.processes import terminate
 from stream_app.errors import InfrastructureError
-from stream_app.kafka_admin import ensure_topics
-from stream_app.kafka_local import local_kafka
-from stream_app.processes import terminate
-from stream_app.settings import Settings
+from stream_app.settings import KafkaSettings, Settings
+from stream_app.topics import ensure_app_topics
 
 __all__ = ["Stack", "local_stack", "wait_ready", "worker_process"]
 
@@ -65,25 +65,34 @@ def wait_ready(port: int, proc: subprocess.Popen[bytes] | None = None, timeout_s
 
 @dataclass
 class Stack:
-    bootstrap_servers: str
+    kafka: KafkaSettings
+    """The cluster and how to log in to it (security settings included)."""
     worker: subprocess.Popen[bytes] | None
     worker_log: Path
     env: dict[str, str]
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return self.kafka.bootstrap_servers
 
 
 @contextlib.contextmanager
 def local_stack(
     settings: Settings, run_dir: Path, *, start_worker: bool = True, env: Mapping[str, str] | None = None
 ) -> Iterator[Stack]:
-    """Kafka (local unless ``settings.kafka.bootstrap_servers``), the topics, and optionally a worker."""
+    """Kafka (local unless ``settings.kafka.bootstrap_servers``), the topics, and optionally a worker.
+
+    With a cluster in the settings, its security settings reach the topic admin and the worker too.
+    """
     with contextlib.ExitStack() as stack:
-        bootstrap = settings.kafka.bootstrap_servers
-        if not bootstrap:
-            bootstrap = stack.enter_context(local_kafka(settings.data.cache_dir, run_dir / "kafka")).bootstrap_servers
-        ensure_topics(settings, bootstrap)
+        kafka = settings.kafka
+        if not kafka.bootstrap_servers:
+            broker = stack.enter_context(local_kafka(settings.data.cache_dir, run_dir / "kafka"))
+            kafka = broker.client_settings("PLAINTEXT")
+        ensure_app_topics(settings, kafka=kafka)
         child_env = {
-            **os.environ,
-            "EMOTION_STREAM_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+            **without_kafka_connection(os.environ),
+            **kafka_env(kafka),
             "EMOTION_STREAM_WORKER__STATE_DIR": str(run_dir / "state"),
             **(env or {}),
         }
@@ -91,4 +100,4 @@ def local_stack(
         proc = stack.enter_context(worker_process(child_env, log)) if start_worker else None
         if proc is not None and settings.metrics.port:
             wait_ready(int(child_env.get("EMOTION_STREAM_METRICS__PORT", settings.metrics.port)), proc)
-        yield Stack(bootstrap, proc, log, child_env)
+        yield Stack(kafka, proc, log, child_env)

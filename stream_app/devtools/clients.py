@@ -1,7 +1,11 @@
 """Small aiokafka clients used by the demo, the replay tool and the integration tests.
 
 These are the chat service's side (producing ``chat_message.v1``) and a downstream consumer's side
-(reading events, dead letters and stage metrics); the worker itself uses Faust (``app.py``).
+(reading events, dead letters and stage metrics); the worker itself uses Faust.
+
+Each takes a :data:`~stream_app.kafka_config.KafkaTarget`: the :class:`~stream_app.settings.KafkaSettings`
+of the cluster (TLS and SASL applied through :mod:`stream_app.kafka_config`), or a bare ``host:port``
+string for a PLAINTEXT cluster such as the local broker.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from datetime import UTC, datetime
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from stream_app.kafka_config import KafkaTarget, aiokafka_client_kwargs, as_kafka_settings
 
 __all__ = ["Received", "chat_message", "consume", "open_producer", "produce_all"]
 
@@ -34,16 +40,20 @@ def chat_message(
     return conversation_id.encode(), orjson.dumps(doc)
 
 
-async def open_producer(bootstrap_servers: str, *, linger_ms: int = 5) -> AIOKafkaProducer:
+async def open_producer(kafka: KafkaTarget, *, linger_ms: int = 5) -> AIOKafkaProducer:
+    """A started producer (acks=all) for ``kafka``; the caller stops it."""
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap_servers, acks="all", linger_ms=linger_ms, max_request_size=4 * 1024 * 1024
+        **aiokafka_client_kwargs(as_kafka_settings(kafka), client_id="emotion-stream-producer"),
+        acks="all",
+        linger_ms=linger_ms,
+        max_request_size=4 * 1024 * 1024,
     )
     await producer.start()
     return producer
 
 
 async def produce_all(
-    bootstrap_servers: str,
+    kafka: KafkaTarget,
     topic: str,
     records: Iterable[tuple[bytes | None, bytes | None]],
     *,
@@ -51,7 +61,7 @@ async def produce_all(
     on_sent: Callable[[int, float], None] | None = None,
 ) -> int:
     """Produce every (key, value), optionally paced; waits for all acks. Returns the count."""
-    producer = await open_producer(bootstrap_servers)
+    producer = await open_producer(kafka)
     futures: list[asyncio.Future[object]] = []
     try:
         start = time.monotonic()
@@ -86,7 +96,7 @@ class Received:
 
 
 async def consume(
-    bootstrap_servers: str,
+    kafka: KafkaTarget,
     topics: Sequence[str],
     *,
     from_beginning: bool = True,
@@ -96,7 +106,7 @@ async def consume(
     # no group: aiokafka assigns every partition of the subscribed topics to this consumer
     consumer = AIOKafkaConsumer(
         *topics,
-        bootstrap_servers=bootstrap_servers,
+        **aiokafka_client_kwargs(as_kafka_settings(kafka), client_id="emotion-stream-consumer"),
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest" if from_beginning else "latest",

@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from stream_app.processes import terminate
+from stream_app.devtools.processes import terminate
 
 pytestmark = pytest.mark.unit
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 _CHILD = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from stream_app.processes import exit_on_sigterm
+from stream_app.devtools.processes import exit_on_sigterm
 if {install}:
     exit_on_sigterm()
 try:
