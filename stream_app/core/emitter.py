@@ -55,7 +55,7 @@ from stream_app.records import (
     rfc3339,
 )
 
-__all__ = ["AckGroup", "Emitter", "EmitterConfig", "Sink"]
+__all__ = ["AckGroup", "Emitter", "EmitterConfig", "ReleaseStage", "Sink", "StageOutput"]
 
 _log = logging.getLogger(__name__)
 
@@ -68,13 +68,38 @@ _RECORD_OVERHEAD = 64
 class Sink(Protocol):
     """Where outputs go (the worker's Kafka producer; a list in tests)."""
 
-    async def send(self, topic: str, records: Sequence[OutRecord]) -> list[tuple[list[int], asyncio.Future[None]]]:
+    async def send(
+        self, topic: str, records: Sequence[OutRecord]
+    ) -> list[tuple[list[int], asyncio.Future[int | None]]]:
         """Queue ``records`` for ``topic``; returns, per produced batch, the indexes it holds and a future.
 
-        Each future resolves when the broker acknowledged its batch and raises
+        Each future resolves to the batch's base offset (None when unknown) once the broker acknowledged it,
+        and raises
         :class:`~stream_app.errors.OutputRejectedError` when the broker refused the batch for something
         about its records; any other exception means the broker side is broken.
         """
+        ...
+
+
+@dataclass(slots=True)
+class StageOutput:
+    """What a release stage adds to a flush: ``now`` with the slots' outputs, ``after`` once they are acked."""
+
+    now: list[tuple[str, OutRecord]] = field(default_factory=list)
+    after: list[tuple[str, OutRecord]] = field(default_factory=list)
+
+
+class ReleaseStage(Protocol):
+    """Work done on slots as they are released, in delivery order (e.g. conversation state)."""
+
+    name: str
+
+    def on_release(self, slots: Sequence[Slot]) -> StageOutput:
+        """Called with every flush's released slots (possibly none: a chance to send pending records)."""
+        ...
+
+    def on_after_acked(self, topic: str, partition: int, last_offset: int) -> None:
+        """An ``after`` record batch of ``topic``/``partition`` was acknowledged up to ``last_offset``."""
         ...
 
 
@@ -111,8 +136,10 @@ class AckGroup:
     lanes: dict[Lane, tuple[int, int]]  # lane -> (slots released, last offset released)
     slots: list[Slot]
     sent_mono: float
+    after: list[tuple[str, OutRecord]] = field(default_factory=list)  # sent once phase 1 is acknowledged
+    phase: int = 1
     pending: int = 0
-    failures: list[tuple[str, list[OutRecord], list[Slot], BaseException]] = field(default_factory=list)
+    failures: list[tuple[str, list[OutRecord], list[Slot | None], BaseException]] = field(default_factory=list)
     done: bool = False
 
 
@@ -147,6 +174,7 @@ class Emitter:
         self.clock = clock
         self.wall_clock = wall_clock
         self.lanes: dict[int, Lane] = {}
+        self.stages: list[ReleaseStage] = []
         self._groups: list[AckGroup] = []
         self._flush_wanted = asyncio.Event()
         self._metrics_outbox: list[OutRecord] = []
@@ -311,8 +339,9 @@ class Emitter:
             )
             if reduced:
                 dead = dead.reduced()
-            record = OutRecord(dead.kafka_key, dead.to_json(), dead_letter_headers(dead, trace))
-            size = len(record.value) + len(record.key or b"") + headers_size(record.headers) + _RECORD_OVERHEAD
+            value = dead.to_json()
+            record = OutRecord(dead.kafka_key, value, dead_letter_headers(dead, trace))
+            size = len(value) + len(record.key or b"") + headers_size(record.headers) + _RECORD_OVERHEAD
             if size > self.config.max_record_bytes:
                 raise OutputRejectedError(f"dead letter of {size} bytes is over {self.config.max_record_bytes}")
         except Exception as exc:  # noqa: BLE001 -- the minimal form below is the floor that cannot fail
@@ -352,7 +381,12 @@ class Emitter:
             await self.flush()
 
     async def flush(self) -> None:
-        """Release every lane's done slots (front of its window) and send them as one ack group."""
+        """Release every lane's done slots (front of its window) and send them as one ack group.
+
+        Stages (:class:`ReleaseStage`) see the released slots in delivery order and add outputs of their
+        own: ``now`` ones go with the slots' outputs, ``after`` ones once all of those are acknowledged
+        (the group completes, and its offsets become committable, only when both phases are).
+        """
         released: list[Slot] = []
         lanes: dict[Lane, tuple[int, int]] = {}
         for lane in self.lanes.values():
@@ -369,11 +403,22 @@ class Emitter:
         outbox, self._metrics_outbox = self._metrics_outbox, []
         if outbox:
             await self._send_metrics(outbox)
-        if not released:
+        extra_now: list[tuple[str, OutRecord]] = []
+        extra_after: list[tuple[str, OutRecord]] = []
+        for stage in self.stages:
+            try:
+                out = stage.on_release(released)
+            except Exception as exc:  # noqa: BLE001 -- a stage's bug must not stop the events it follows
+                self.metrics.errors_total.labels(stage.name).inc()
+                _log.exception("stage %s failed on %d released message(s): %r", stage.name, len(released), exc)
+                continue
+            extra_now.extend(out.now)
+            extra_after.extend(out.after)
+        if not released and not extra_now and not extra_after:
             return
-        group = AckGroup(lanes=lanes, slots=released, sent_mono=self.clock())
+        group = AckGroup(lanes=lanes, slots=released, sent_mono=self.clock(), after=extra_after)
         self._groups.append(group)
-        by_topic: dict[str, tuple[list[OutRecord], list[Slot]]] = {}
+        by_topic: dict[str, tuple[list[OutRecord], list[Slot | None]]] = {}
         for s in released:
             entry = by_topic.get(s.out_topic)
             if entry is None:
@@ -381,6 +426,17 @@ class Emitter:
             assert s.out is not None
             entry[0].append(s.out)
             entry[1].append(s)
+        for topic, record in extra_now:
+            entry = by_topic.get(topic)
+            if entry is None:
+                entry = by_topic[topic] = ([], [])
+            entry[0].append(record)
+            entry[1].append(None)
+        await self._send_phase(group, by_topic)
+
+    async def _send_phase(
+        self, group: AckGroup, by_topic: dict[str, tuple[list[OutRecord], list[Slot | None]]]
+    ) -> None:
         for topic, (records, slots) in by_topic.items():
             deliveries = await self.sink.send(topic, records)
             for indexes, fut in deliveries:
@@ -389,15 +445,26 @@ class Emitter:
                 part_slots = [slots[i] for i in indexes]
                 fut.add_done_callback(functools.partial(self._on_delivery, group, topic, part_records, part_slots))
         if group.pending == 0:
-            self._group_done(group)
+            self._phase_done(group)
 
     def _on_delivery(
-        self, group: AckGroup, topic: str, records: list[OutRecord], slots: list[Slot], fut: asyncio.Future[None]
+        self,
+        group: AckGroup,
+        topic: str,
+        records: list[OutRecord],
+        slots: list[Slot | None],
+        fut: asyncio.Future[int | None],
     ) -> None:
         if fut.cancelled():
             group.failures.append((topic, records, slots, InfrastructureError("produce cancelled")))
         elif (exc := fut.exception()) is not None:
             group.failures.append((topic, records, slots, exc))
+        elif group.phase == 2:
+            base = fut.result()
+            partition = records[0].partition
+            if base is not None and partition is not None:
+                for stage in self.stages:
+                    stage.on_after_acked(topic, partition, base + len(records) - 1)
         group.pending -= 1
         if group.pending:
             return
@@ -406,13 +473,29 @@ class Emitter:
             self._tasks.add(task)
             task.add_done_callback(self._on_task_done)
         else:
-            self._group_done(group)
+            self._phase_done(group)
+
+    def _phase_done(self, group: AckGroup) -> None:
+        if group.phase == 1 and group.after:
+            group.phase = 2
+            by_topic: dict[str, tuple[list[OutRecord], list[Slot | None]]] = {}
+            for topic, record in group.after:
+                entry = by_topic.get(topic)
+                if entry is None:
+                    entry = by_topic[topic] = ([], [])
+                entry[0].append(record)
+                entry[1].append(None)
+            task = asyncio.get_running_loop().create_task(self._send_phase(group, by_topic), name="emitter-after")
+            self._tasks.add(task)
+            task.add_done_callback(self._on_task_done)
+            return
+        self._group_done(group)
 
     async def _recover(self, group: AckGroup) -> None:
         """Re-send a refused batch record by record; a record still refused becomes a reduced dead letter."""
         failures, group.failures = group.failures, []
         for topic, records, slots, exc in failures:
-            if not isinstance(exc, OutputRejectedError):
+            if not isinstance(exc, OutputRejectedError) or group.phase == 2:
                 raise InfrastructureError(f"producing to {topic} failed: {exc!r}") from exc
             _log.warning("the broker refused a batch of %d record(s) for %s (%r); sending them one by one",
                          len(records), topic, exc)  # fmt: skip
@@ -422,13 +505,17 @@ class Emitter:
                 except OutputRejectedError as alone:
                     if topic == self.config.dead_letters_topic:
                         raise InfrastructureError(f"the broker refused a dead letter: {alone!r}") from alone
+                    if slot is None:  # a stage's own output (a state or alert record): counted, not retried
+                        self.metrics.errors_total.labels("produce").inc()
+                        _log.error("the broker refused a %s record: %r", topic, alone)
+                        continue
                     slot.dead = DeadInfo("output_failed", "output", alone)
                     reduced = self._dead_letter(slot, self.wall_clock(), reduced=True)
                     try:
                         await self._send_one(self.config.dead_letters_topic, reduced)
                     except OutputRejectedError as dlq_exc:
                         raise InfrastructureError(f"the broker refused a dead letter: {dlq_exc!r}") from dlq_exc
-        self._group_done(group)
+        self._phase_done(group)
 
     async def _send_one(self, topic: str, record: OutRecord) -> None:
         for _, fut in await self.sink.send(topic, [record]):
@@ -510,7 +597,7 @@ class Emitter:
         for _, fut in await self.sink.send(self.config.metrics_topic, records):
             fut.add_done_callback(self._on_metrics_sent)
 
-    def _on_metrics_sent(self, fut: asyncio.Future[None]) -> None:
+    def _on_metrics_sent(self, fut: asyncio.Future[int | None]) -> None:
         if not fut.cancelled() and fut.exception() is not None:
             self.metrics.errors_total.labels("produce").inc()
             _log.warning("stage metrics not produced: %r", fut.exception())

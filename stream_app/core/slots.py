@@ -77,11 +77,13 @@ class DeadInfo(NamedTuple):
 
 
 class OutRecord(NamedTuple):
-    """An encoded output record: Kafka key, value and headers."""
+    """An encoded output record: Kafka key, value (None: a tombstone), headers, and an explicit partition
+    (None: the default partitioner's, murmur2 of the key, as every Kafka client does)."""
 
     key: bytes | None
-    value: bytes
+    value: bytes | None
     headers: list[tuple[str, bytes]]
+    partition: int | None = None
 
 
 @dataclass(slots=True, eq=False)

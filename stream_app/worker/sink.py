@@ -46,7 +46,9 @@ class KafkaSink:
         self.producer = producer
         self._partition_of: dict[tuple[bytes, int], int] = {}
 
-    async def send(self, topic: str, records: Sequence[OutRecord]) -> list[tuple[list[int], asyncio.Future[None]]]:
+    async def send(
+        self, topic: str, records: Sequence[OutRecord]
+    ) -> list[tuple[list[int], asyncio.Future[int | None]]]:
         producer = self.producer
         partitions = sorted(await producer.partitions_for(topic))
         n = len(partitions)
@@ -56,7 +58,9 @@ class KafkaSink:
         cache = self._partition_of
         for i, record in enumerate(records):
             key = record.key
-            if key is None:
+            if record.partition is not None:
+                p = record.partition
+            elif key is None:
                 p = partitions[random.randrange(n)]
             else:
                 p = cache.get((key, n), -1)
@@ -65,7 +69,7 @@ class KafkaSink:
                         cache.clear()
                     p = cache[(key, n)] = partitions[(murmur2(key) & 0x7FFFFFFF) % n]
             by_partition.setdefault(p, []).append(i)
-        out: list[tuple[list[int], asyncio.Future[None]]] = []
+        out: list[tuple[list[int], asyncio.Future[int | None]]] = []
         for p, indexes in by_partition.items():
             batch = producer.create_batch()
             held: list[int] = []
@@ -86,9 +90,9 @@ class KafkaSink:
         return out
 
     @staticmethod
-    def _wrap(fut: asyncio.Future[Any]) -> asyncio.Future[None]:
-        """The batch's delivery, with refusals about its records turned into OutputRejectedError."""
-        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def _wrap(fut: asyncio.Future[Any]) -> asyncio.Future[int | None]:
+        """The batch's delivery (its base offset), refusals about its records turned into OutputRejectedError."""
+        mine: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
 
         def done(f: asyncio.Future[Any]) -> None:
             if mine.done():
@@ -98,7 +102,8 @@ class KafkaSink:
                 return
             exc = f.exception()
             if exc is None:
-                mine.set_result(None)
+                metadata = f.result()
+                mine.set_result(getattr(metadata, "offset", None))
             elif isinstance(exc, REJECTED_ERRORS):
                 mine.set_exception(OutputRejectedError(f"the broker refused the batch: {exc!r}"))
             else:
@@ -108,7 +113,7 @@ class KafkaSink:
         return mine
 
 
-def _failed(exc: BaseException) -> asyncio.Future[None]:
-    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+def _failed(exc: BaseException) -> asyncio.Future[int | None]:
+    fut: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
     fut.set_exception(exc)
     return fut

@@ -119,18 +119,18 @@ class ListSink:
     """Collects what is sent; futures resolve at once unless held, or fail when told to."""
 
     sent: list[tuple[str, OutRecord]] = field(default_factory=list)
-    pending: list[asyncio.Future[None]] = field(default_factory=list)
+    pending: list[asyncio.Future[int | None]] = field(default_factory=list)
     hold: bool = False
     fail_with: BaseException | None = None
     reject_when: Any = None  # predicate on an OutRecord: the broker refuses a batch holding it
     batch_size: int = 3
 
-    async def send(self, topic: str, records: Sequence[OutRecord]) -> list[tuple[list[int], asyncio.Future[None]]]:
+    async def send(self, topic: str, records: Sequence[OutRecord]) -> list[tuple[list[int], asyncio.Future[int | None]]]:
         loop = asyncio.get_running_loop()
-        out: list[tuple[list[int], asyncio.Future[None]]] = []
+        out: list[tuple[list[int], asyncio.Future[int | None]]] = []
         for start in range(0, len(records), self.batch_size):
             idx = list(range(start, min(len(records), start + self.batch_size)))
-            fut: asyncio.Future[None] = loop.create_future()
+            fut: asyncio.Future[int | None] = loop.create_future()
             part = [records[i] for i in idx]
             if self.fail_with is not None:
                 fut.set_exception(self.fail_with)
