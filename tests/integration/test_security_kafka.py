@@ -205,3 +205,11 @@ def test_the_topics_command_uses_the_security_settings(secure_kafka: LocalKafka)
     assert wrong.stderr.count("\n") == 1, wrong.stderr
     assert wrong.stderr.startswith("Error: cannot use Kafka at ")
     assert "SASL authentication failed" in wrong.stderr
+
+
+def test_a_topic_the_cluster_cannot_create_is_a_clear_error(secure_kafka: LocalKafka) -> None:
+    settings = secure_kafka.client_settings("SASL_SSL", "PLAIN")
+    name = _name("sec.rf3")
+    with pytest.raises(ConfigError, match=f"cannot create topic '{name}': INVALID_REPLICATION_FACTOR"):
+        asyncio.run(ensure_topics(settings, [name], 1, replication_factor=3, timeout_s=20))
+    assert partition_counts(settings, [name]) == {name: None}
