@@ -272,6 +272,7 @@ def _run_variant(
                 "EMOTION_STREAM_TOPICS__PARTITIONS": str(partitions),
                 "EMOTION_STREAM_CACHE__L1_ENABLED": "false",
                 "EMOTION_STREAM_CACHE__L2_ENABLED": "false",
+                "EMOTION_STREAM_CONVERSATIONS__ENABLED": "false",
                 "PYTHONUNBUFFERED": "1",
                 **extra_env,
             }

@@ -168,6 +168,17 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("emotion_ready", "1 when the worker is ready (see /readyz), else 0.", registry=r)
+        self.conversation_alerts_total = Counter(
+            "emotion_conversation_alerts_total",
+            "escalation.v1 records produced, by rule (once per episode of a conversation).",
+            ["rule"],
+            registry=r,
+        )
+        self.conversations_active = Gauge(
+            "emotion_conversations_active",
+            "Conversations whose state this worker holds (counted by the expiry sweep).",
+            registry=r,
+        )
 
 
 def serve_metrics(metrics: Metrics, host: str, port: int) -> tuple[WSGIServer, threading.Thread]:

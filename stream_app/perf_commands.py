@@ -62,6 +62,8 @@ def fresh_topics(settings: Settings, tag: str) -> TopicSettings:
             "events": f"{t.events}.{tag}",
             "metrics": f"{t.metrics}.{tag}",
             "dead_letters": f"{t.dead_letters}.{tag}",
+            "conversations": f"{t.conversations}.{tag}",
+            "alerts": f"{t.alerts}.{tag}",
         }
     )
 
@@ -72,6 +74,8 @@ def _topic_env(topics: TopicSettings) -> dict[str, str]:
         "EMOTION_STREAM_TOPICS__EVENTS": topics.events,
         "EMOTION_STREAM_TOPICS__METRICS": topics.metrics,
         "EMOTION_STREAM_TOPICS__DEAD_LETTERS": topics.dead_letters,
+        "EMOTION_STREAM_TOPICS__CONVERSATIONS": topics.conversations,
+        "EMOTION_STREAM_TOPICS__ALERTS": topics.alerts,
         "EMOTION_STREAM_TOPICS__PARTITIONS": str(topics.partitions),
     }
 

@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 __all__ = [
     "BatchingSettings",
     "CacheSettings",
+    "ConversationSettings",
     "DataSettings",
     "KafkaSettings",
     "MetricsSettings",
@@ -256,6 +257,12 @@ class TopicSettings(_Group):
         "allow more workers in the group; the cache table is co-partitioned with the input.",
     )
     replication_factor: int = Field(1, ge=1, description="Replication factor for topics this process creates.")
+    conversations: str = Field(
+        "emotion.conversations.v1",
+        description="Topic of conversation_state.v1 records (key = conversation_id; compaction suits it: the "
+        "latest state per conversation).",
+    )
+    alerts: str = Field("emotion.alerts.v1", description="Topic of escalation.v1 records (key = conversation_id).")
 
 
 class BatchingSettings(_Group):
@@ -403,6 +410,68 @@ class CacheSettings(_Group):
     )
 
 
+class ConversationSettings(_Group):
+    enabled: bool = Field(
+        True,
+        description="Keep a live state per conversation (window, decayed mood, dominant emotion, escalation "
+        "rules) in a RocksDB table with a changelog, and produce conversation_state.v1 and escalation.v1. "
+        "Costs some CPU per message and about 1 KB of table per active conversation.",
+    )
+    rules_file: Path | None = Field(
+        None,
+        description="TOML file of escalation rules (see docs/conversations.md); empty = the packaged default "
+        "rules for support chats.",
+    )
+    window_s: float = Field(
+        300.0, gt=0, description="Event-time length of the label-distribution window: longer is steadier, slower."
+    )
+    window_pane_s: float = Field(
+        30.0,
+        gt=0,
+        description="The window slides by panes of this width: smaller gives a sharper edge but a larger state "
+        "(at most 255 panes per window).",
+    )
+    allowed_lateness_s: float = Field(
+        60.0,
+        ge=0,
+        description="A message sent this much before the conversation's latest event time still counts in its "
+        "window; later ones are counted and ignored. Larger accepts slower clients, but a late message can "
+        "change a picture already emitted.",
+    )
+    mood_half_life_s: float = Field(
+        120.0, gt=0, description="Half-life of the decayed mood: shorter reacts faster, with more dominant flips."
+    )
+    recent_messages: int = Field(
+        10, ge=1, le=255, description="Recent messages kept as evidence: the main driver of state size."
+    )
+    dominant_min_margin: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Mood-share lead a label needs to take over as the dominant emotion: lower reacts sooner, "
+        "but near ties flip and emit.",
+    )
+    emit_interval_s: float = Field(
+        60.0,
+        ge=0,
+        description="At most one conversation_state.v1 per conversation per this many seconds besides dominant "
+        "changes (0: on every message); shorter keeps consumers fresher at more records.",
+    )
+    ttl_s: float = Field(
+        86_400.0,
+        gt=0,
+        description="A conversation idle this long is deleted (a tombstone reaches the changelog): bounds memory "
+        "and disk whatever the number of conversations; longer keeps episodes across long pauses.",
+    )
+    sweep_interval_s: float = Field(60.0, gt=0, description="How often idle conversations are looked for.")
+    max_future_skew_s: float = Field(
+        60.0,
+        ge=0,
+        description="A sent_at further ahead of the worker's clock is taken as the worker's time, so one bad "
+        "client clock cannot make the conversation's later messages late.",
+    )
+
+
 class MetricsSettings(_Group):
     host: str = Field("127.0.0.1", description="Address of the Prometheus /metrics endpoint.")
     port: int = Field(9108, ge=0, le=65535, description="Port of the /metrics endpoint; 0 disables it.")
@@ -439,6 +508,12 @@ class WorkerSettings(_Group):
         "launches: fp16 p99 batch time 64 ms with all 16 cores vs 17 ms with 4 (benchmarks/gpu.py).",
     )
 
+    advertised_url: str = Field(
+        "",
+        description="How other workers reach this one's HTTP port (metrics, probes, GET /conversations/{id}), "
+        "e.g. http://10.0.3.7:9108; a request for a conversation held elsewhere is forwarded there. Empty = "
+        "http://<hostname>:<metrics port>; on Kubernetes set it from the pod IP.",
+    )
     shutdown_timeout_s: float = Field(
         15.0,
         gt=0,
@@ -489,6 +564,7 @@ class Settings(BaseSettings):
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    conversations: ConversationSettings = Field(default_factory=ConversationSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     data: DataSettings = Field(default_factory=DataSettings)

@@ -80,9 +80,13 @@ class TopicsReport:
 
 
 def app_topic_names(settings: Settings) -> list[str]:
-    """The input, events, metrics and dead-letter topics of ``settings``."""
+    """The input, events, metrics and dead-letter topics of ``settings``, and the conversation state and
+    alert topics when conversation state is on."""
     t = settings.topics
-    return [t.input, t.events, t.metrics, t.dead_letters]
+    names = [t.input, t.events, t.metrics, t.dead_letters]
+    if settings.conversations.enabled:
+        names += [t.conversations, t.alerts]
+    return names
 
 
 def _one_line(text: object) -> str:

@@ -98,8 +98,8 @@ class ReleaseStage(Protocol):
         """Called with every flush's released slots (possibly none: a chance to send pending records)."""
         ...
 
-    def on_after_acked(self, topic: str, partition: int, last_offset: int) -> None:
-        """An ``after`` record batch of ``topic``/``partition`` was acknowledged up to ``last_offset``."""
+    def on_after_acked(self, topic: str, partition: int, records: Sequence[OutRecord], last_offset: int) -> None:
+        """A batch of ``after`` records (all in ``partition``) was acknowledged, the last at ``last_offset``."""
         ...
 
 
@@ -138,6 +138,8 @@ class AckGroup:
     sent_mono: float
     after: list[tuple[str, OutRecord]] = field(default_factory=list)  # sent once phase 1 is acknowledged
     phase: int = 1
+    after_ready: bool = False
+    after_sent: bool = False
     pending: int = 0
     failures: list[tuple[str, list[OutRecord], list[Slot | None], BaseException]] = field(default_factory=list)
     done: bool = False
@@ -177,6 +179,7 @@ class Emitter:
         self.stages: list[ReleaseStage] = []
         self._groups: list[AckGroup] = []
         self._flush_wanted = asyncio.Event()
+        self._afters_wanted = asyncio.Event()
         self._metrics_outbox: list[OutRecord] = []
         self._task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -191,6 +194,9 @@ class Emitter:
     async def start(self) -> None:
         self._task = asyncio.create_task(self._flush_loop(), name="emitter-flush")
         self._task.add_done_callback(self._on_task_done)
+        after = asyncio.create_task(self._after_loop(), name="emitter-after")
+        self._tasks.add(after)
+        after.add_done_callback(self._on_task_done)
 
     async def stop(self) -> None:
         self._closing = True
@@ -464,7 +470,7 @@ class Emitter:
             partition = records[0].partition
             if base is not None and partition is not None:
                 for stage in self.stages:
-                    stage.on_after_acked(topic, partition, base + len(records) - 1)
+                    stage.on_after_acked(topic, partition, records, base + len(records) - 1)
         group.pending -= 1
         if group.pending:
             return
@@ -478,18 +484,33 @@ class Emitter:
     def _phase_done(self, group: AckGroup) -> None:
         if group.phase == 1 and group.after:
             group.phase = 2
-            by_topic: dict[str, tuple[list[OutRecord], list[Slot | None]]] = {}
-            for topic, record in group.after:
-                entry = by_topic.get(topic)
-                if entry is None:
-                    entry = by_topic[topic] = ([], [])
-                entry[0].append(record)
-                entry[1].append(None)
-            task = asyncio.get_running_loop().create_task(self._send_phase(group, by_topic), name="emitter-after")
-            self._tasks.add(task)
-            task.add_done_callback(self._on_task_done)
+            group.after_ready = True
+            self._afters_wanted.set()  # the after-sender sends it once every earlier group's are sent
             return
         self._group_done(group)
+
+    async def _after_loop(self) -> None:
+        """Send the second phases in group order: a later group's state write never overtakes an earlier
+        one's for the same key, whichever group's first phase the broker acknowledged first."""
+        while True:
+            await self._afters_wanted.wait()
+            self._afters_wanted.clear()
+            for group in list(self._groups):
+                if not group.after:
+                    continue
+                if group.after_sent:
+                    continue
+                if not group.after_ready:
+                    break
+                group.after_sent = True
+                by_topic: dict[str, tuple[list[OutRecord], list[Slot | None]]] = {}
+                for topic, record in group.after:
+                    entry = by_topic.get(topic)
+                    if entry is None:
+                        entry = by_topic[topic] = ([], [])
+                    entry[0].append(record)
+                    entry[1].append(None)
+                await self._send_phase(group, by_topic)
 
     async def _recover(self, group: AckGroup) -> None:
         """Re-send a refused batch record by record; a record still refused becomes a reduced dead letter."""

@@ -18,17 +18,26 @@ import asyncio
 import concurrent.futures
 import gc
 import logging
+import re
+import socket
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import murmur2
 
 from stream_app.cache.admission import Admission, SecondSightingAdmission
 from stream_app.cache.keys import ModelIdentity, cache_key, normalise
 from stream_app.cache.lru import TtlLru
 from stream_app.cache.tiered import L1Entry, ResultCache, plan_sweep
+from stream_app.conversations.rules import load_rules
+from stream_app.conversations.stage import ConversationStage
+from stream_app.conversations.tracker import ConversationTracker
 from stream_app.core.classifier import ClassifierConfig
 from stream_app.core.crash_ledger import CrashLedger
 from stream_app.core.emitter import EmitterConfig
@@ -42,15 +51,16 @@ from stream_app.service import Runtime
 from stream_app.settings import Settings
 from stream_app.worker import faust_glue
 from stream_app.worker.credentials import faust_credentials
-from stream_app.worker.faust_glue import EmotionApp, FaustL2Store, Watchdog
+from stream_app.worker.faust_glue import EmotionApp, FaustTableStore, Watchdog
 from stream_app.worker.health import Health
 from stream_app.worker.sink import KafkaSink
 
-__all__ = ["CACHE_TABLE", "Worker", "changelog_topic", "faust_broker_urls"]
+__all__ = ["CACHE_TABLE", "CONVERSATION_TABLE", "Worker", "changelog_topic", "faust_broker_urls"]
 
 _log = logging.getLogger(__name__)
 
 CACHE_TABLE = "emotion-cache-v1"
+CONVERSATION_TABLE = "emotion-conversations-v1"
 
 
 def faust_broker_urls(bootstrap_servers: str) -> list[str]:
@@ -105,10 +115,15 @@ class Worker:
         self.watchdog = watchdog
         self.started_at = started_at
         self.topic = settings.topics.input
+        port = settings.metrics.port
+        self.advertised_url = settings.worker.advertised_url or f"http://{socket.gethostname()}:{port}"
         self.pipeline: Pipeline | None = None
         self.producer: AIOKafkaProducer | None = None
-        self.l2: FaustL2Store | None = None
+        self.l2: FaustTableStore | None = None
+        self.conversation_store: FaustTableStore | None = None
+        self.conversations: ConversationStage | None = None
         self._ready = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._parts = _Partitions()
         self._generation = -1
         self._last_broker_ok = time.monotonic()
@@ -146,6 +161,7 @@ class Worker:
             producer_max_request_size=kafka.max_request_size_bytes,
             stream_wait_empty=False,
             table_standby_replicas=0,
+            canonical_url=self.advertised_url,
             logging_config=None,
         )
         consumer_cls = faust_glue.EmotionConsumer
@@ -167,7 +183,22 @@ class Worker:
                 help="L2 result cache: key = hash(normalised text + model identity), value = codec bytes",
             )
             changelog = table.changelog_topic_name
-            self.l2 = FaustL2Store(table, lambda: app.consumer.topic_partitions(changelog))
+            self.l2 = FaustTableStore(table, lambda: faust_glue.topic_partition_count(app, changelog))
+        if s.conversations.enabled:
+            states: Any = app.Table(
+                CONVERSATION_TABLE,
+                default=None,
+                partitions=self.input_partitions,
+                key_type=bytes,
+                value_type=bytes,
+                store=store_url,
+                options={"driver": "rocksdict"},
+                help="Conversation state: key = conversation_id, value = conversations.codec bytes",
+            )
+            states_changelog = states.changelog_topic_name
+            self.conversation_store = FaustTableStore(
+                states, lambda: faust_glue.topic_partition_count(app, states_changelog)
+            )
         app.on_partitions_assigned.connect(self._on_assigned)
         app.on_partitions_revoked.connect(self._on_revoked)
         app.on_before_shutdown.connect(self._on_shutdown)
@@ -176,10 +207,13 @@ class Worker:
         app.timer(interval=1.0)(self._observe_tick)
         app.timer(interval=5.0)(self._broker_tick)
         app.timer(interval=s.cache.sweep_interval_s)(self._sweep_tick)
+        if s.conversations.enabled:
+            app.timer(interval=s.conversations.sweep_interval_s)(self._conversation_sweep_tick)
         return app
 
     # ------------------------------------------------------------------ start-up
     async def _startup(self) -> None:
+        self._loop = asyncio.get_running_loop()
         s = self.settings
         kafka = s.kafka
         self.producer = AIOKafkaProducer(
@@ -226,7 +260,7 @@ class Worker:
             self._warm_l1(rt, l1, identity, rt.warm_file_phrases)
         assert self.producer is not None
         ledger = CrashLedger(s.worker.state_dir / "crash-ledger.json", max_strikes=s.worker.max_record_crashes)
-        return Pipeline(
+        pipeline = Pipeline(
             engine=rt.engine,
             encoder=rt.encoder,
             sink=KafkaSink(self.producer),
@@ -271,6 +305,34 @@ class Worker:
             metrics=self.metrics,
             on_fatal=self.fatal,
             ledger=ledger,
+        )
+        if self.conversation_store is not None:
+            self.conversations = self._conversation_stage(tuple(rt.engine.labels))
+            pipeline.emitter.stages.append(self.conversations)
+        return pipeline
+
+    def _conversation_stage(self, labels: tuple[str, ...]) -> ConversationStage:
+        c = self.settings.conversations
+        assert self.conversation_store is not None
+        tracker = ConversationTracker(
+            labels=labels,
+            rules=load_rules(c.rules_file, labels=labels),
+            window_s=c.window_s,
+            window_pane_s=c.window_pane_s,
+            allowed_lateness_s=c.allowed_lateness_s,
+            mood_half_life_s=c.mood_half_life_s,
+            recent_messages=c.recent_messages,
+            dominant_min_margin=c.dominant_min_margin,
+            emit_interval_s=c.emit_interval_s,
+            ttl_s=c.ttl_s,
+            max_future_skew_s=c.max_future_skew_s,
+        )
+        return ConversationStage(
+            tracker,
+            self.conversation_store,
+            states_topic=self.settings.topics.conversations,
+            alerts_topic=self.settings.topics.alerts,
+            metrics=self.metrics,
         )
 
     @staticmethod
@@ -348,8 +410,8 @@ class Worker:
         self.metrics.assigned_partitions.set(len(mine))
         changelog_n = None
         if self.l2 is not None:
-            changelog_n = self.app.consumer.topic_partitions(self.l2.table.changelog_topic_name)
-        known = self.app.consumer.topic_partitions(self.topic)
+            changelog_n = faust_glue.topic_partition_count(self.app, self.l2.changelog_topic)
+        known = faust_glue.topic_partition_count(self.app, self.topic)
         if known is not None and known != self.input_partitions:
             self.metrics.partition_changes_total.inc()
             _log.warning("input topic %s now has %d partitions (was %d)", self.topic, known, self.input_partitions)
@@ -366,7 +428,7 @@ class Worker:
 
         assert self.l2 is not None
         try:
-            await align_changelog(self.settings, self.l2.table.changelog_topic_name, partitions)
+            await align_changelog(self.settings, self.l2.changelog_topic, partitions)
             self.metrics.l2_rebuilds_total.labels("partitions_added").inc()
         except Exception as exc:  # noqa: BLE001 -- the cache works without the new partitions meanwhile
             _log.warning("cannot add partitions to the cache changelog: %r", exc)
@@ -385,6 +447,8 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 -- not committing only means re-reading them
                 _log.warning("final commit of revoked partitions failed: %r", exc)
         self._parts.initialised -= set(mine)
+        if self.conversations is not None:
+            self.conversations.forget(mine)
         self.metrics.assigned_partitions.set(len(self._parts.assigned - set(mine)))
 
     # ------------------------------------------------------------------ timers
@@ -483,6 +547,45 @@ class Worker:
                 if keys:
                     self.metrics.cache_evictions_total.labels("l2", reason).inc(len(keys))
 
+    async def _conversation_sweep_tick(self) -> None:
+        if self.conversations is None or self.pipeline is None or self.app.rebalancing:
+            return
+        if self.conversations.sweep():
+            self.pipeline.emitter.request_flush()
+
+    # ------------------------------------------------------------------ read API
+    def conversation_route(self, match: re.Match[str], environ: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """``GET /conversations/{id}`` (HTTP thread): the state here, or forwarded to the worker holding it."""
+        raw_id = match.group("id").encode("latin-1").decode("utf-8", "replace")  # WSGI paths are latin-1
+        loop = self._loop
+        if loop is None or self.conversations is None:
+            return 503, {"status": "fail", "reasons": ["conversation state is off or the worker is starting"]}
+        future = asyncio.run_coroutine_threadsafe(self._conversation(raw_id), loop)
+        try:
+            status, body, owner = future.result(timeout=5.0)
+        except (TimeoutError, concurrent.futures.TimeoutError):
+            return 503, {"status": "fail", "reasons": ["the worker did not answer in 5 s"]}
+        if owner is None:
+            return status, body
+        if environ.get("HTTP_X_EMOTION_STREAM_FORWARDED"):
+            return 503, {"status": "fail", "reasons": [f"not held here nor by {owner} (a rebalance?)"]}
+        return _forward(owner.rstrip("/") + environ.get("PATH_INFO", ""))
+
+    async def _conversation(self, conversation_id: str) -> tuple[int, dict[str, Any], str | None]:
+        store, stage = self.conversation_store, self.conversations
+        assert store is not None and stage is not None
+        key = conversation_id.encode()
+        partition = (murmur2(key) & 0x7FFFFFFF) % self.input_partitions
+        if store.holds(partition):
+            doc = stage.snapshot(partition, key)
+            if doc is None:
+                return 404, {"status": "fail", "reasons": [f"no state for conversation {conversation_id!r}"]}, None
+            return 200, orjson.loads(doc), None
+        owner = faust_glue.table_owner_url(self.app, store.changelog_topic, partition)
+        if owner is None or owner.rstrip("/") == self.advertised_url.rstrip("/"):
+            return 503, {"status": "fail", "reasons": [f"partition {partition} is not held anywhere yet"]}, None
+        return 0, {}, owner
+
     # ------------------------------------------------------------------ stopping
     def fatal(self, exc: BaseException) -> None:
         """The infrastructure is broken: stop without committing anything more, exit non-zero, bounded."""
@@ -519,3 +622,18 @@ class Worker:
 
     def _on_store_discard(self, table: str, partition: int, reason: str) -> None:
         self.metrics.l2_rebuilds_total.labels(reason).inc()
+
+
+def _forward(url: str) -> tuple[int, dict[str, Any]]:
+    """GET ``url`` on the worker that holds the conversation, marked forwarded (so it never bounces)."""
+    request = urllib.request.Request(url, headers={"X-Emotion-Stream-Forwarded": "1"})
+    try:
+        with urllib.request.urlopen(request, timeout=5.0) as resp:
+            return int(resp.status), dict(orjson.loads(resp.read()))
+    except urllib.error.HTTPError as exc:
+        try:
+            return int(exc.code), dict(orjson.loads(exc.read()))
+        except orjson.JSONDecodeError:
+            return 502, {"status": "fail", "reasons": [f"{url} answered {exc.code}"]}
+    except (OSError, orjson.JSONDecodeError) as exc:
+        return 502, {"status": "fail", "reasons": [f"forwarding to {url} failed: {exc}"]}

@@ -7,6 +7,7 @@ loop time per message than classifying it; so the input topic is taken off that 
 chunk at a time. What this module relies on, and ``tests/unit/worker/test_faust_contract.py`` checks
 against the installed versions so that an upgrade fails loudly instead of silently:
 
+* the aiokafka consumer's cluster metadata (``_client.cluster``) for partition counts;
 * ``Consumer._drain_messages`` (the fetch loop), ``_wait_next_records``, ``_to_message``, ``callback``,
   ``_read_offset``, ``_committed_offset``, ``_buffered_partitions``, ``flow_active``, ``_commit`` and the
   thread delegate ``_thread`` with its aiokafka consumer ``_consumer``;
@@ -14,7 +15,8 @@ against the installed versions so that an upgrade fails loudly instead of silent
   (the input is read ``read_committed``, which Faust only does for its own transactions);
 * ``App._new_transport``; the ``faust.stores`` registry (``STORES.aliases``); the RocksDB store's
   ``_dbs``, ``offset_key``, ``partition_path``, ``assign_partitions`` and ``_key_index``;
-* ``Table.send_changelog`` and ``Table.changelog_topic_name``;
+* ``Table.send_changelog``, ``Table.changelog_topic_name`` and the store's ``set_persisted_offset``;
+* the assignor's ``_tps_url`` (which worker's ``canonical_url`` holds a table partition);
 * mode's ``Worker._schedule_shutdown`` (signals) for the bounded stop.
 """
 
@@ -41,12 +43,14 @@ __all__ = [
     "ChunkHandler",
     "EmotionApp",
     "EmotionWorker",
-    "FaustL2Store",
+    "FaustTableStore",
     "StoreDiscardHook",
     "commit",
     "committed_offset",
     "lag_positions",
     "register_store",
+    "table_owner_url",
+    "topic_partition_count",
 ]
 
 _log = logging.getLogger(__name__)
@@ -162,6 +166,19 @@ async def commit(app: faust.App, topic: str, offsets: Mapping[int, int]) -> bool
     return ok
 
 
+def topic_partition_count(app: faust.App, topic: str) -> int | None:
+    """Partitions of ``topic`` in the consumer's cluster metadata (None while unknown).
+
+    Not Faust's ``Consumer.topic_partitions``: that reads the group coordinator's metadata snapshot, which
+    aiokafka keeps on the group leader only, so every other worker got None.
+    """
+    consumer: Any = getattr(cast(Any, app.consumer)._thread, "_consumer", None)
+    if consumer is None:
+        return None
+    partitions = consumer._client.cluster.partitions_for_topic(topic)
+    return len(partitions) if partitions else None
+
+
 def lag_positions(app: faust.App, topic: str, partitions: Sequence[int]) -> dict[int, tuple[int | None, int | None]]:
     """Per partition: (last stable offset, fetch position) as the aiokafka consumer knows them now.
 
@@ -256,22 +273,33 @@ def register_store() -> str:
     return f"{STORE_SCHEME}://"
 
 
-class FaustL2Store:
-    """The L2 cache over a Faust table's RocksDB partitions (implements ``cache.tiered.L2Store``).
+class FaustTableStore:
+    """A Faust table's RocksDB partitions as plain partitioned byte stores (no current event needed).
 
-    Reads go straight to the partition's RocksDB (no current event needed); a write goes to the
-    changelog first (as Faust's own ``table[key] = value`` does) and then to RocksDB. A partition this
-    worker does not hold, or one past the changelog's partition count (the input grew and the changelog
-    not yet), is skipped: a miss on read, no write.
+    Two users: the L2 cache (``cache.tiered.L2Store``: :meth:`get_many`, :meth:`put`, :meth:`delete`, whose
+    writes go to the changelog through Faust's producer first, as ``table[key] = value`` does) and the
+    conversation state (``conversations.stage.StateStore``: the stage produces the changelog records
+    itself, in order after their alerts, and writes here with :meth:`put_local` once they are
+    acknowledged). A partition this worker does not hold, or one past the changelog's partition count (the
+    input grew and the changelog not yet), is skipped: a miss on read, no write.
     """
 
     def __init__(self, table: Any, changelog_partitions: Callable[[], int | None]) -> None:
         self.table = table
+        self.changelog_topic: str = table.changelog_topic_name
         self._changelog_partitions = changelog_partitions
         self.skipped_writes = 0
 
     def _db(self, partition: int) -> Any | None:
         return self.table.data._dbs.get(partition)
+
+    def holds(self, partition: int) -> bool:
+        n = self._changelog_partitions()
+        return self._db(partition) is not None and n is not None and partition < n
+
+    def get(self, partition: int, key: bytes) -> bytes | None:
+        db = self._db(partition)
+        return None if db is None else db.get(key)
 
     def get_many(self, partition: int, keys: Sequence[bytes]) -> list[bytes | None]:
         db = self._db(partition)
@@ -281,22 +309,31 @@ class FaustL2Store:
         return [get(k) for k in keys]
 
     def put(self, partition: int, key: bytes, value: bytes) -> bool:
-        db = self._db(partition)
-        n = self._changelog_partitions()
-        if db is None or n is None or partition >= n:
+        if not self.holds(partition):
             self.skipped_writes += 1
             return False
         self.table.send_changelog(partition, key, value, key_serializer="raw", value_serializer="raw")
-        db.put(key, value)
+        self._db(partition).put(key, value)  # type: ignore[union-attr]
         return True
 
     def delete(self, partition: int, key: bytes) -> None:
-        db = self._db(partition)
-        n = self._changelog_partitions()
-        if db is None or n is None or partition >= n:
+        if not self.holds(partition):
             return
         self.table.send_changelog(partition, key, None, key_serializer="raw", value_serializer="raw")
-        db.delete(key)
+        self._db(partition).delete(key)  # type: ignore[union-attr]
+
+    def put_local(self, partition: int, key: bytes, value: bytes | None) -> None:
+        db = self._db(partition)
+        if db is None:
+            return
+        if value is None:
+            db.delete(key)
+        else:
+            db.put(key, value)
+
+    def set_persisted_offset(self, partition: int, offset: int) -> None:
+        if self._db(partition) is not None:
+            self.table.data.set_persisted_offset(TP(self.changelog_topic, partition), offset)
 
     def partitions(self) -> list[int]:
         return list(self.table.data._dbs)
@@ -304,6 +341,14 @@ class FaustL2Store:
     def items(self, partition: int) -> Any:
         db = self._db(partition)
         return iter(()) if db is None else db.items()
+
+
+def table_owner_url(app: faust.App, changelog_topic: str, partition: int) -> str | None:
+    """The advertised URL (``canonical_url``) of the worker holding ``partition`` of a table, per the
+    assignor's last assignment; None while unknown (during a rebalance)."""
+    urls = getattr(app.assignor, "_tps_url", {})
+    url = urls.get(TP(changelog_topic, partition))
+    return str(url) if url else None
 
 
 # ---------------------------------------------------------------------------------------- stopping

@@ -14,7 +14,7 @@ from stream_app.metrics import Metrics
 from stream_app.profiler import ResourceSampler
 from stream_app.service import build_runtime
 from stream_app.settings import Settings
-from stream_app.worker.app import Worker, changelog_topic
+from stream_app.worker.app import CONVERSATION_TABLE, Worker, changelog_topic
 from stream_app.worker.faust_glue import EmotionWorker, Watchdog
 from stream_app.worker.health import Health, HealthServer
 from stream_app.worker.startup import prepare
@@ -53,11 +53,12 @@ def run_worker(settings: Settings, started_at: float | None = None) -> int:
         server = HealthServer(metrics, health, settings.metrics.host, settings.metrics.port).start()
         _log.info("metrics and probes on http://%s:%d (/metrics /livez /readyz)", settings.metrics.host, server.port)
     changelog = changelog_topic(settings) if settings.cache.l2_enabled else None
+    states = changelog_topic(settings, CONVERSATION_TABLE) if settings.conversations.enabled else None
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model-load") as loader:
         # the model loads while the broker is checked and Faust joins the group
         runtime = loader.submit(build_runtime, settings, metrics)
         try:
-            partitions, action = asyncio.run(prepare(settings, changelog))
+            partitions, action = asyncio.run(prepare(settings, changelog, states))
         except EmotionStreamError as exc:
             _log.error("%s", exc)
             runtime.cancel()
@@ -78,6 +79,8 @@ def run_worker(settings: Settings, started_at: float | None = None) -> int:
             worker.app, loglevel=settings.worker.log_level.upper(), quiet=True, override_logging=False
         )
         faust_worker.on_stop_signal = worker.on_stop_signal
+        if server is not None and settings.conversations.enabled:
+            server.add_route(r"/conversations/(?P<id>[^/]+)", worker.conversation_route)
         # CPU, memory and (with pynvml) GPU gauges, sampled on a daemon thread off the hot path
         sampler = ResourceSampler(metrics, settings.metrics.profile_sample_interval_s)
         sampler.start()

@@ -19,7 +19,7 @@ from aiokafka.errors import TopicAlreadyExistsError, for_code
 from stream_app.errors import ConfigError, InfrastructureError
 from stream_app.kafka_config import aiokafka_client_kwargs
 from stream_app.settings import Settings
-from stream_app.topics import fetch_partition_counts
+from stream_app.topics import app_topic_names, fetch_partition_counts
 
 __all__ = ["align_changelog", "check_codecs", "input_partitions", "prepare"]
 
@@ -46,28 +46,41 @@ def check_codecs() -> None:
 
 
 async def input_partitions(settings: Settings) -> int:
-    """The input topic's partition count.
+    """The input topic's partition count, after checking every topic the worker writes to exists.
 
     Raises:
-        InfrastructureError, ConfigError: the cluster cannot be used (one-line reason), or the input topic
-            does not exist.
+        InfrastructureError, ConfigError: the cluster cannot be used (one-line reason), or the input topic or
+            an output topic does not exist (the worker never creates them: their partition counts and
+            retention are the operator's choice).
     """
-    counts = await fetch_partition_counts(settings.kafka, [settings.topics.input])
-    n = counts.get(settings.topics.input)
-    if not n:
+    names = app_topic_names(settings)
+    counts = await fetch_partition_counts(settings.kafka, names)
+    missing = [name for name in names if not counts.get(name)]
+    if missing:
         raise InfrastructureError(
-            f"input topic {settings.topics.input} does not exist: create it first "
+            f"topic(s) {', '.join(missing)} do not exist: create them first "
             "(`emotion-stream topics`, or your own tooling)"
         )
+    n = counts[settings.topics.input]
+    assert n is not None
     return n
 
 
-async def align_changelog(settings: Settings, changelog: str, partitions: int) -> str:
-    """Give the cache changelog ``partitions`` partitions; returns what was done (``ok``, ``grown``,
-    ``recreated``, ``absent``)."""
+async def align_changelog(settings: Settings, changelog: str, partitions: int, *, disposable: bool = True) -> str:
+    """Give a table changelog ``partitions`` partitions; returns what was done (``ok``, ``grown``,
+    ``recreated``, ``absent``, ``kept``).
+
+    Fewer partitions than the input: partitions are added (existing ones keep their records). More: a
+    ``disposable`` changelog (the cache) is re-created; a state changelog is kept as it is, with a warning
+    (its partitions can no longer follow the input's; re-create it deliberately if that is wanted).
+    """
     current = (await fetch_partition_counts(settings.kafka, [changelog])).get(changelog)
     if current is None or current == partitions:
         return "absent" if current is None else "ok"
+    if current > partitions and not disposable:
+        _log.warning("state changelog %s has %d partitions, the input only %d: keeping it; states of "
+                     "partitions the input lacks are never read", changelog, current, partitions)  # fmt: skip
+        return "kept"
     timeout_s = settings.kafka.admin_timeout_s
     admin = AIOKafkaAdminClient(
         **aiokafka_client_kwargs(settings.kafka, client_id=f"{settings.kafka.client_id}-admin"),
@@ -107,9 +120,16 @@ async def align_changelog(settings: Settings, changelog: str, partitions: int) -
         await admin.close()
 
 
-async def prepare(settings: Settings, changelog: str | None) -> tuple[int, str | None]:
-    """Codecs, the input's partition count, and the changelog aligned to it (when L2 is on)."""
+async def prepare(
+    settings: Settings, cache_changelog: str | None, state_changelog: str | None = None
+) -> tuple[int, str | None]:
+    """Codecs, the topics and the input's partition count, and the table changelogs aligned to it.
+
+    Returns the input's partition count and what was done to the cache changelog (None without L2).
+    """
     check_codecs()
     n = await input_partitions(settings)
-    action = await align_changelog(settings, changelog, n) if changelog is not None else None
+    action = await align_changelog(settings, cache_changelog, n) if cache_changelog is not None else None
+    if state_changelog is not None:
+        await align_changelog(settings, state_changelog, n, disposable=False)
     return n, action

@@ -66,6 +66,8 @@ class Topics:
     metrics: str
     dead_letters: str
     partitions: int
+    conversations: str = ""
+    alerts: str = ""
 
     def env(self) -> dict[str, str]:
         return {
@@ -73,8 +75,14 @@ class Topics:
             "EMOTION_STREAM_TOPICS__EVENTS": self.events,
             "EMOTION_STREAM_TOPICS__METRICS": self.metrics,
             "EMOTION_STREAM_TOPICS__DEAD_LETTERS": self.dead_letters,
+            "EMOTION_STREAM_TOPICS__CONVERSATIONS": self.conversations,
+            "EMOTION_STREAM_TOPICS__ALERTS": self.alerts,
             "EMOTION_STREAM_TOPICS__PARTITIONS": str(self.partitions),
         }
+
+    @property
+    def names(self) -> list[str]:
+        return [self.input, self.events, self.metrics, self.dead_letters, self.conversations, self.alerts]
 
 
 def make_topics(kafka: LocalKafka, partitions: int = 4) -> Topics:
@@ -85,14 +93,10 @@ def make_topics(kafka: LocalKafka, partitions: int = 4) -> Topics:
         metrics=f"emotion.metrics.v1.{tag}",
         dead_letters=f"chat.messages.dlq.v1.{tag}",
         partitions=partitions,
+        conversations=f"emotion.conversations.v1.{tag}",
+        alerts=f"emotion.alerts.v1.{tag}",
     )
-    asyncio.run(
-        ensure_topics(
-            kafka.bootstrap_servers,
-            [topics.input, topics.events, topics.metrics, topics.dead_letters],
-            partitions,
-        )
-    )
+    asyncio.run(ensure_topics(kafka.bootstrap_servers, topics.names, partitions))
     return topics
 
 

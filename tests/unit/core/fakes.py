@@ -125,7 +125,9 @@ class ListSink:
     reject_when: Any = None  # predicate on an OutRecord: the broker refuses a batch holding it
     batch_size: int = 3
 
-    async def send(self, topic: str, records: Sequence[OutRecord]) -> list[tuple[list[int], asyncio.Future[int | None]]]:
+    async def send(
+        self, topic: str, records: Sequence[OutRecord]
+    ) -> list[tuple[list[int], asyncio.Future[int | None]]]:
         loop = asyncio.get_running_loop()
         out: list[tuple[list[int], asyncio.Future[int | None]]] = []
         for start in range(0, len(records), self.batch_size):

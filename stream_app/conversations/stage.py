@@ -1,0 +1,244 @@
+"""Conversation state as a release stage of the emitter: applied in source order, written after its alerts.
+
+The emitter releases slots per input partition in delivery order; conversations are keyed by
+conversation_id, which is the input's key, so a conversation's messages arrive here in source order and in
+the partition that owns its state (co-partitioned: no extra topic hop). For each released event:
+
+1. the conversation's state comes from this stage's memory (written but not yet durable, or recently used)
+   or the store (the worker's RocksDB table partition), and :meth:`ConversationTracker.apply` updates it;
+2. ``conversation_state.v1`` and ``escalation.v1`` records go out *with* the events (phase 1 of the ack
+   group), the new state bytes to the state changelog only *after* those are acknowledged (phase 2);
+3. only when the changelog write is acknowledged does the state reach the local store (and the store's
+   persisted changelog offset move), and only then is the group's input offset committable.
+
+Why this order: the tracker ignores a message at or below the last offset it applied (the replay guard).
+Were the state durable before its alerts, a crash in between would re-process the message, find it already
+applied and never send the alert. This way a crash re-sends at worst (the same ``alert_id``), never loses.
+
+Expiry: :meth:`sweep` (a worker timer) deletes conversations idle for the TTL with tombstones that go out in
+the next flush's second phase, so memory and disk stay bounded whatever the number of conversations.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
+
+from stream_app.conversations.state import ClassifiedMessage, ConversationState
+from stream_app.conversations.tracker import ConversationTracker
+from stream_app.core.emitter import StageOutput
+from stream_app.core.slots import OutRecord, Slot
+from stream_app.metrics import Metrics
+
+__all__ = ["ConversationStage", "StateStore"]
+
+_log = logging.getLogger(__name__)
+
+
+class StateStore(Protocol):
+    """A partitioned byte store whose changelog the stage writes itself (the worker's Faust table)."""
+
+    changelog_topic: str
+
+    def holds(self, partition: int) -> bool:
+        """Whether this worker holds ``partition`` (an active, recovered table partition)."""
+        ...
+
+    def get(self, partition: int, key: bytes) -> bytes | None: ...
+
+    def put_local(self, partition: int, key: bytes, value: bytes | None) -> None:
+        """Write (None: delete) the local copy only; the changelog record was already acknowledged."""
+        ...
+
+    def set_persisted_offset(self, partition: int, offset: int) -> None:
+        """The changelog of ``partition`` is applied locally up to ``offset`` (recovery resumes after it)."""
+        ...
+
+    def items(self, partition: int) -> Iterable[tuple[bytes, bytes]]: ...
+
+    def partitions(self) -> list[int]: ...
+
+
+class ConversationStage:
+    """Apply released events to their conversations; emit state and escalation records.
+
+    Args:
+        tracker: The transport-free state and rules.
+        store: The state table.
+        states_topic: Where ``conversation_state.v1`` records go (key conversation_id).
+        alerts_topic: Where ``escalation.v1`` records go (key conversation_id).
+        metrics: Alert counter and active-conversations gauge.
+        cache_size: Decoded states kept in memory per partition (beyond those not yet durable).
+        wall_clock: Unix seconds (injected in tests).
+    """
+
+    name = "conversations"
+
+    def __init__(
+        self,
+        tracker: ConversationTracker,
+        store: StateStore,
+        *,
+        states_topic: str,
+        alerts_topic: str,
+        metrics: Metrics,
+        cache_size: int = 10_000,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.tracker = tracker
+        self.store = store
+        self.states_topic = states_topic
+        self.alerts_topic = alerts_topic
+        self.metrics = metrics
+        self.cache_size = cache_size
+        self.wall_clock = wall_clock
+        # (partition, key) -> (state, bytes written whose ack is awaited); authoritative over the store
+        self._pending: dict[tuple[int, bytes], tuple[ConversationState | None, bytes | None]] = {}
+        self._cache: dict[int, OrderedDict[bytes, ConversationState]] = {}
+        self._tombstones: list[tuple[str, OutRecord]] = []
+        self.skipped = 0
+        self._alerts = metrics.conversation_alerts_total
+
+    # ------------------------------------------------------------------ state access
+    def _load(self, partition: int, key: bytes, conversation_id: str) -> ConversationState | None:
+        pending = self._pending.get((partition, key))
+        if pending is not None:
+            return pending[0]
+        cache = self._cache.setdefault(partition, OrderedDict())
+        state = cache.get(key)
+        if state is not None:
+            cache.move_to_end(key)
+            return state
+        raw = self.store.get(partition, key)
+        if raw is None:
+            return None
+        try:
+            state = self.tracker.decode(raw)
+        except ValueError as exc:  # another version or label list: start the conversation afresh
+            _log.warning("dropping unreadable state of conversation %r: %r", conversation_id, exc)
+            return None
+        self._remember(partition, key, state)
+        return state
+
+    def _remember(self, partition: int, key: bytes, state: ConversationState) -> None:
+        cache = self._cache.setdefault(partition, OrderedDict())
+        cache[key] = state
+        cache.move_to_end(key)
+        while len(cache) > self.cache_size:
+            cache.popitem(last=False)
+
+    def snapshot(self, partition: int, key: bytes) -> bytes | None:
+        """The ``conversation_state.v1`` JSON of a conversation now, or None when there is none."""
+        state = self._load(partition, key, key.decode(errors="replace"))
+        if state is None or state.message_count == 0:
+            return None
+        return self.tracker.snapshot(state).to_json()
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        """Revoked partitions: their states now live elsewhere."""
+        for p in partitions:
+            self._cache.pop(p, None)
+            for key in [k for k in self._pending if k[0] == p]:
+                del self._pending[key]
+
+    # ------------------------------------------------------------------ the release stage
+    def on_release(self, slots: Sequence[Slot]) -> StageOutput:
+        out = StageOutput()
+        touched: dict[tuple[int, bytes], ConversationState] = {}
+        now = self.wall_clock()
+        tracker = self.tracker
+        for s in slots:
+            m = s.message
+            r = s.result
+            if s.dead is not None or m is None or r is None or s.lane.dead:
+                continue
+            partition = s.lane.partition
+            if not self.store.holds(partition):
+                self.skipped += 1
+                continue
+            key = m.conversation_id.encode()
+            ident = (partition, key)
+            state = touched.get(ident) or self._load(partition, key, m.conversation_id)
+            msg = ClassifiedMessage(
+                conversation_id=m.conversation_id,
+                message_id=m.message_id,
+                sent_at=m.sent_at.timestamp(),
+                label_index=r.label_index,
+                scores=r.scores,
+                topic=s.chunk.topic,
+                partition=partition,
+                offset=s.offset,
+            )
+            try:
+                update = tracker.apply(state, msg, now)
+            except ValueError as exc:  # a message the tracker cannot take is that message's problem only
+                self.metrics.errors_total.labels("conversations").inc()
+                _log.warning("conversation %r: message %r not applied: %r", m.conversation_id, m.message_id, exc)
+                continue
+            if update.changed:
+                touched[ident] = update.state
+            if update.emit is not None:
+                out.now.append((self.states_topic, OutRecord(key, update.emit.to_json(), [])))
+            for alert in update.alerts:
+                out.now.append((self.alerts_topic, OutRecord(key, alert.to_json(), [])))
+                self._alerts.labels(alert.rule).inc()
+        changelog = self.store.changelog_topic
+        for (partition, key), state in touched.items():
+            raw = tracker.encode(state)
+            self._pending[(partition, key)] = (state, raw)
+            out.after.append((changelog, OutRecord(key, raw, [], partition)))
+        if self._tombstones:
+            out.after.extend(self._tombstones)
+            self._tombstones = []
+        return out
+
+    def on_after_acked(self, topic: str, partition: int, records: Sequence[OutRecord], last_offset: int) -> None:
+        if topic != self.store.changelog_topic:
+            return
+        for record in records:
+            key = record.key
+            if key is None:
+                continue
+            ident = (partition, key)
+            pending = self._pending.get(ident)
+            if pending is not None and pending[1] == record.value:
+                del self._pending[ident]  # the newest write for this key is durable
+                if pending[0] is not None:
+                    self._remember(partition, key, pending[0])
+                else:
+                    self._cache.get(partition, OrderedDict()).pop(key, None)
+            self.store.put_local(partition, key, record.value)
+        self.store.set_persisted_offset(partition, last_offset)
+
+    # ------------------------------------------------------------------ expiry
+    def sweep(self, now: float | None = None) -> int:
+        """Queue tombstones for conversations idle past the TTL (sent with the next flush); returns how many.
+
+        Also sets ``emotion_conversations_active`` to the conversations held.
+        """
+        now = self.wall_clock() if now is None else now
+        expired = 0
+        active = 0
+        changelog = self.store.changelog_topic
+        for partition in self.store.partitions():
+            for key, raw in self.store.items(partition):
+                if key.startswith(b"__faust"):
+                    continue
+                if (partition, key) in self._pending:
+                    active += 1
+                    continue
+                try:
+                    dead = self.tracker.is_expired_raw(raw, now)
+                except ValueError:
+                    dead = True
+                if not dead:
+                    active += 1
+                    continue
+                self._pending[(partition, key)] = (None, None)
+                self._tombstones.append((changelog, OutRecord(key, None, [], partition)))
+                expired += 1
+        self.metrics.conversations_active.set(active)
+        return expired
