@@ -86,8 +86,8 @@ def _is_oom(exc: BaseException) -> bool:
 class OnnxEngine:
     """An ONNX Runtime ``InferenceSession`` over the exported classifier.
 
-    CPU: fp32 or INT8 (:data:`~stream_app.inference.onnx_export.INT8_SCHEME`: 8-bit weights, int8 activations
-    quantised per row, so scores do not depend on the batch; about 1.5x fp32's speed on VNNI cores), graph
+    CPU: fp32 or INT8 (:data:`~stream_app.inference.onnx_export.INT8_SCHEME`: int8 weights per channel, int8
+    activations quantised per row, so scores do not depend on the batch; about 1.8x fp32 on one core), graph
     optimisation ``ORT_ENABLE_ALL`` (fuses attention, layer norm and GELU), ``num_threads`` intra-op
     threads and one inter-op thread (a single sequential graph). CUDA: the ``CUDAExecutionProvider`` of
     the optional ``onnxruntime-gpu`` package (extra ``gpu``), fp16 or fp32, inputs copied once and logits

@@ -42,6 +42,7 @@ from stream_app.inference.tokenize import EncodedBatch, TextEncoder
 
 __all__ = [
     "BUILTIN_PARITY_TEXTS",
+    "INVARIANCE_TOLERANCE",
     "CandidateResult",
     "DeviceChoice",
     "EngineChoice",

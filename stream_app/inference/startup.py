@@ -39,7 +39,7 @@ import numpy as np
 
 from stream_app.errors import EngineError, ModelError
 from stream_app.inference._files import atomic_target
-from stream_app.inference._optional import installed_version, require
+from stream_app.inference._optional import MissingExtraError, installed_version, require
 from stream_app.inference.base import (
     Engine,
     FloatArray,
@@ -97,9 +97,11 @@ class EngineStart:
         engine: the engine to serve with (ONNX inside a :class:`FallbackEngine` to PyTorch).
         encoder: the tokenizer, loaded for the same model and token limit.
         report: the selection report (from the cache on a warm start).
-        phases: seconds per phase of :data:`PHASES`: ``import`` (runtime libraries the engine needs),
-            ``engine_load`` (tokenizer, cache lookup, session or model load; the whole selection on a
-            cold start) and ``warmup`` (the parity run on a warm start, then representative shapes).
+        phases: seconds per phase of :data:`PHASES`: ``import`` (the tokenizer's and the engine's runtime
+            libraries), ``engine_load`` (tokenizer, cache lookup, session or model load; on a cold start
+            the whole selection, PyTorch's import included) and ``warmup`` (the parity run on a warm
+            start, then representative shapes). Imports done before the call (the interpreter, numpy,
+            this package) are in :attr:`process_age_s`, not here.
         cached: the selection came from the cache (no candidate was loaded or timed but the chosen one).
         parity: this start's comparison of the serving engine with the reference (None when the gate is
             off, or on a cold start, where the selection report holds it).
@@ -364,6 +366,11 @@ def start_engine(
         if entry_path is not None:
             entry_path.unlink(missing_ok=True)
 
+    with clock.phase("import"):
+        try:  # every plan but an explicit torch request has ONNX candidates; PyTorch loads inside the selection
+            _import_runtime("onnx")
+        except MissingExtraError as exc:
+            log.warning("%s", exc)
     with clock.phase("engine_load"):
         selection = select_engine(
             model_path,

@@ -108,12 +108,19 @@ def test_int8_graph_is_the_row_wise_scheme(tiny_model: Path, onnx_cache: Path) -
     import onnx
 
     graph = onnx.load(str(onnx_model_file(tiny_model, "int8", onnx_cache))).graph
-    ops = {node.op_type for node in graph.node}
-    assert "MatMulNBits" in ops
-    assert not ops & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}, "no per-batch scales"
-    nbits = [node for node in graph.node if node.op_type == "MatMulNBits"]
-    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in nbits[0].attribute}
-    assert (attributes["bits"], attributes["block_size"], attributes["accuracy_level"]) == (8, 32, 4)
+    ops = [node.op_type for node in graph.node]
+    weights = {t.name: t for t in graph.initializer}
+    assert "MatMulInteger" in ops
+    assert not [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights], "every weight is int8"
+    assert not set(ops) & {"DynamicQuantizeLinear", "DynamicQuantizeMatMul"}, "no scale shared by the batch"
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear":
+            axis = [onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"]
+            assert axis == [0], "one scale per row"
+    int8 = [n for n in graph.node if n.op_type == "MatMulInteger"]
+    assert all(weights[n.input[1]].data_type == onnx.TensorProto.INT8 for n in int8)
+    # query, key and value read the same tensor and share its quantisation: fewer quantisations than MatMuls
+    assert ops.count("QuantizeLinear") < len(int8)
 
 
 def test_an_old_int8_file_is_never_used_for_the_new_scheme(tiny_model: Path, tmp_path: Path) -> None:
