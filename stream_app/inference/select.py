@@ -198,18 +198,19 @@ class Selection:
     fallbacks: tuple[tuple[str, str, str], ...] = ()
 
 
+def _nvidia_gpu_shown() -> bool:
+    """The NVIDIA driver shows at least one GPU (``/proc/driver/nvidia/gpus/*`` or ``/dev/nvidia0``)."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return (gpus.is_dir() and any(gpus.iterdir())) or Path("/dev/nvidia0").exists()
+
+
 def _cuda_visible() -> bool | None:
     """Whether an NVIDIA GPU can be present, without importing torch: False when the driver shows none
     or ``CUDA_VISIBLE_DEVICES`` hides every device, None when only a CUDA runtime can tell."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() in ("", "-1", "none", "NoDevFiles"):
         return False
-    gpus = Path("/proc/driver/nvidia/gpus")
-    if (
-        Path("/proc/driver").is_dir()
-        and not (gpus.is_dir() and any(gpus.iterdir()))
-        and not Path("/dev/nvidia0").exists()
-    ):
+    if Path("/proc/driver").is_dir() and not _nvidia_gpu_shown():
         return False
     return None
 
@@ -218,8 +219,8 @@ def resolve_device(device: DeviceChoice | str) -> str:
     """``auto`` -> ``cuda:0`` when a CUDA GPU is usable, else ``cpu``; ``cuda`` -> ``cuda:0``.
 
     A host whose driver shows no NVIDIA GPU resolves ``auto`` to ``cpu`` without importing torch (a CPU
-    worker's start must not pay for it). Otherwise torch decides when installed, else ONNX Runtime's CUDA
-    provider (``onnxruntime-gpu``) does.
+    worker's start must not pay for it), and so does a GPU host with ``onnxruntime-gpu`` (its CUDA
+    provider serves there). Otherwise torch decides when installed.
 
     Raises:
         EngineError: ``cuda`` was asked for and none is usable, or an unknown device name.
@@ -239,17 +240,20 @@ def resolve_device(device: DeviceChoice | str) -> str:
 def _cuda_available() -> bool:
     from stream_app.inference._optional import installed_version
 
-    if installed_version("torch") is not None:
-        try:
-            import torch
-        except ImportError:
-            return False
-        return bool(torch.cuda.is_available())
     try:
         import onnxruntime as ort
+
+        if "CUDAExecutionProvider" in ort.get_available_providers() and _nvidia_gpu_shown():
+            return True
+    except ImportError:
+        pass
+    if installed_version("torch") is None:
+        return False
+    try:
+        import torch
     except ImportError:
         return False
-    return "CUDAExecutionProvider" in ort.get_available_providers()
+    return bool(torch.cuda.is_available())
 
 
 @dataclass(frozen=True, slots=True)

@@ -167,21 +167,20 @@ def _cpu_description() -> dict[str, Any]:
 
 
 def _cuda_name(device: str) -> str | None:
-    """The CUDA device's name (NVML when installed, else torch); None on a CPU."""
+    """The CUDA device's name, from the driver's ``/proc`` entries (no CUDA library), else torch; None on
+    a CPU."""
     if not device.startswith("cuda"):
         return None
     index = int(device.partition(":")[2] or 0)
-    try:
-        import pynvml
-    except ImportError:
-        pynvml = None
-    if pynvml is not None:
+    gpus = sorted(Path("/proc/driver/nvidia/gpus").glob("*/information"))
+    if index < len(gpus):
         try:
-            pynvml.nvmlInit()
-            name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(index))
-            return name.decode() if isinstance(name, bytes) else str(name)
-        except pynvml.NVMLError as exc:
-            log.debug("NVML cannot name cuda:%d (%s); asking torch", index, exc)
+            for line in gpus[index].read_text(encoding="utf-8", errors="replace").splitlines():
+                key, _, value = line.partition(":")
+                if key.strip() == "Model":
+                    return value.strip()
+        except OSError:
+            pass
     try:
         import torch
 
@@ -366,11 +365,12 @@ def start_engine(
         if entry_path is not None:
             entry_path.unlink(missing_ok=True)
 
-    with clock.phase("import"):
-        try:  # every plan but an explicit torch request has ONNX candidates; PyTorch loads inside the selection
-            _import_runtime("onnx")
-        except MissingExtraError as exc:
-            log.warning("%s", exc)
+    if engine != "torch":  # every other plan has ONNX candidates; PyTorch loads inside the selection
+        with clock.phase("import"):
+            try:
+                _import_runtime("onnx")
+            except MissingExtraError as exc:
+                log.warning("%s", exc)
     with clock.phase("engine_load"):
         selection = select_engine(
             model_path,

@@ -225,3 +225,18 @@ def test_process_age_is_positive() -> None:
     age = startup.process_age_s()
     if sys.platform.startswith("linux"):
         assert age is not None and age > 0
+
+
+def test_auto_device_on_a_host_without_a_gpu_does_not_import_torch() -> None:
+    from stream_app.inference.select import _cuda_visible
+
+    if _cuda_visible() is not False:
+        pytest.skip("this host's driver shows an NVIDIA GPU (or it is not Linux)")
+    result = _run_python(
+        """
+        import json, sys
+        from stream_app.inference.select import resolve_device
+        print(json.dumps([resolve_device("auto"), "torch" in sys.modules]))
+        """
+    )
+    assert result == ["cpu", False]
