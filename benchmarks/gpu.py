@@ -13,8 +13,10 @@ device's time limit still returns what it measured):
    sorts and pads chunks while the GPU runs the previous batch, as the worker's tokenise and infer
    threads do: the end-to-end figure). Reports messages/s, p50/p99 batch time, GPU utilisation (NVML),
    peak GPU memory, the memory-derived token budget, top-1 accuracy on the dev labels and parity with fp32.
-3. ``selection``: ``load_engine(engine="auto", device="cuda")``, the worker's own start-up path: which
-   engine passes the parity gate and wins, why the others were rejected, and the cold start.
+3. ``selection``: ``load_engine(engine="auto", device="cuda")``, the worker's selection: which engine
+   passes the parity gate and wins, why the others were rejected, and the cold start. ``startup``: the
+   worker's start-up API (``start_engine``) in fresh processes, once without and then with the selection
+   cache: phases (import, engine load, warm-up), the engine chosen, whether torch was imported.
 4. ``adaptive``: the worker's ``AdaptiveBudget`` driving the pipelined run towards a batch-time target
    (default 20 ms), starting from a small budget and capped by free device memory.
 5. ``oom``: a real CUDA out-of-memory: the allocator is capped, a batch far over the cap goes through
@@ -60,6 +62,11 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+try:  # the lead is moving the batcher into stream_app/core/
+    from stream_app.core.batching import Batcher
+except ImportError:
+    from stream_app.batching import Batcher
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 # As the worker sizes it (worker.tokenizer_threads): a Rust tokenizer pool on all 16 cores of the H100 host
@@ -90,27 +97,20 @@ def synthetic_texts(n: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(words, size=k)) + rng.choice([".", "!", "?", ""]) for k in lengths]
 
 
-def read_texts(path: Path, n: int) -> tuple[list[str], list[frozenset[str]]]:
-    """The TSV's texts repeated to ``n`` messages, and the gold label names of the distinct rows.
+def read_texts(path: Path, n: int) -> tuple[list[str], list[tuple[int, ...]], tuple[str, ...]]:
+    """The TSV's texts repeated to ``n`` messages, the gold label ids of its distinct rows, and the label names.
 
-    The label column holds comma-separated indices into ``labels.txt`` beside the file (GoEmotions Ekman
-    order when that file is absent); a file without labels gives empty gold sets.
+    A GoEmotions-format split (text, label ids, comment id), read by the library's ``load_split``; the ids
+    index ``labels.txt`` beside the file (GoEmotions Ekman order when that file is absent).
     """
+    from stream_app.model.data import load_labels, load_split
+
     names_file = path.parent / "labels.txt"
-    names = names_file.read_text(encoding="utf-8").split() if names_file.is_file() else list(LABELS)
-    texts: list[str] = []
-    gold: list[frozenset[str]] = []
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            fields = line.rstrip("\n").split("\t")
-            text = fields[0].strip()
-            if not text:
-                continue
-            texts.append(text)
-            ids = fields[1].split(",") if len(fields) > 1 and fields[1] else []
-            gold.append(frozenset(names[int(i)] for i in ids if i.strip().isdigit() and int(i) < len(names)))
+    names = load_labels(names_file) if names_file.is_file() else LABELS
+    examples = load_split(path, len(names))
+    texts = [e.text for e in examples]
     # Repeat the file to reach n messages (a GPU needs far more than one dev split to reach steady state).
-    return [texts[i % len(texts)] for i in range(n)], gold
+    return [texts[i % len(texts)] for i in range(n)], [e.label_ids for e in examples], tuple(names)
 
 
 def _tokenizer_source(explicit: Path | None) -> Path | None:
@@ -194,20 +194,21 @@ def build_random_model(folder: Path, texts: Sequence[str], tokenizer_dir: Path |
 
 
 def token_budget_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """Indices sorted by length, cut so rows x longest <= budget (a row over budget goes alone)."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    """Indices grouped by the worker's own batcher: by length, rows x longest <= budget, at most MAX_ROWS
+    rows (a row over budget goes alone); every pending row is taken (a drain)."""
+    batcher: Batcher[int] = Batcher(
+        max_batch_size=MAX_ROWS,
+        max_batch_tokens=budget,
+        max_wait_s=0.0,
+        capacity=max(1, len(lengths)),
+        group_by_length=True,
+        clock=lambda: 0.0,
+    )
+    for index, length in enumerate(lengths):
+        batcher.add(index, max(1, length))
     batches: list[list[int]] = []
-    batch: list[int] = []
-    longest = 0
-    for i in order:
-        width = max(longest, lengths[i])
-        if batch and (width * (len(batch) + 1) > budget or len(batch) >= MAX_ROWS):
-            batches.append(batch)
-            batch, width = [], lengths[i]
-        batch.append(i)
-        longest = width
-    if batch:
-        batches.append(batch)
+    while (batch := batcher.take(0.0)) is not None:
+        batches.append(list(batch.items))
     return batches
 
 
@@ -358,13 +359,17 @@ def pipelined_run(
     }
 
 
-def quality(probs: np.ndarray, labels: Sequence[str], gold: Sequence[frozenset[str]]) -> float | None:
-    """Top-1 accuracy (top label is one of the gold labels) over the distinct labelled rows."""
-    scored = [(i, g) for i, g in enumerate(gold[: len(probs)]) if g]
-    if not scored:
+def quality(
+    probs: np.ndarray, model_labels: Sequence[str], gold: Sequence[tuple[int, ...]], names: Sequence[str]
+) -> float | None:
+    """Top-1 accuracy over the distinct labelled rows, by the library's label matching and scoring."""
+    from stream_app.model.evaluate import label_mapping, score_predictions
+
+    rows = min(len(gold), len(probs))
+    if rows == 0:
         return None
-    top = probs[[i for i, _ in scored]].argmax(1)
-    return float(np.mean([labels[t] in g for t, (_, g) in zip(top, scored, strict=True)]))
+    mapping = label_mapping(names, model_labels)
+    return score_predictions(gold[:rows], probs[:rows][:, mapping].argmax(axis=1), names)[0]
 
 
 def run_engine(
@@ -372,7 +377,8 @@ def run_engine(
     factory: Callable[[], Any],
     encoder: Any,
     texts: Sequence[str],
-    gold: Sequence[frozenset[str]],
+    gold: Sequence[tuple[int, ...]],
+    names: Sequence[str],
     budgets: Sequence[int],
     reference: dict[int, np.ndarray],
     device: Any,
@@ -412,7 +418,7 @@ def run_engine(
                 "sequential": {k: v for k, v in seq.items() if k != "probs"},
                 "pipelined": {k: v for k, v in pipe.items() if k not in ("probs", "latencies", "budgets")},
                 "gpu_utilisation_pct": sampler.mean_utilisation,
-                "top1_accuracy_dev": quality(seq["probs"], engine.labels, gold),
+                "top1_accuracy_dev": quality(seq["probs"], engine.labels, gold, names),
             }
             if cuda:
                 row["peak_torch_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -479,6 +485,45 @@ def run_selection(model: Path, encoder: Any, texts: Sequence[str], work: Path, d
     first_s = time.perf_counter() - first
     engine.close()
     return {"wall_s": wall, "first_prediction_after_load_ms": first_s * 1000, "report": report.as_dict()}
+
+
+_START_SCRIPT = """
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+from stream_app.inference.startup import start_engine
+started = start_engine({model!r}, device={device!r}, cache_dir=Path({cache!r}), parity_texts={texts!r})
+print(json.dumps({{
+    "cached": started.cached,
+    "engine": started.engine.info.name,
+    "phases_s": dict(started.phases),
+    "process_age_s": started.process_age_s,
+    "reference": started.report.reference,
+    "imported_torch": "torch" in sys.modules,
+}}))
+"""
+
+
+def run_startup(model: Path, texts: Sequence[str], work: Path, device_str: str, runs: int = 4) -> dict[str, Any]:
+    """The worker's start-up API in fresh processes: a cold start (no selection cache), then warm ones."""
+    import subprocess
+
+    cache = work / "startup-cache"
+    script = _START_SCRIPT.format(
+        repo=str(REPO), model=str(model), device=device_str, cache=str(cache), texts=list(dict.fromkeys(texts))[:64]
+    )
+    rows = []
+    for run in range(runs):
+        started = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, check=False)
+        wall = time.perf_counter() - started
+        if out.returncode != 0:
+            rows.append({"run": run, "error": out.stderr[-2000:]})
+            continue
+        rows.append({"run": run, "wall_s": wall, **json.loads(out.stdout.strip().splitlines()[-1])})
+        print(f"startup run {run}: {rows[-1]}", flush=True)
+    warm = [r["wall_s"] for r in rows if r.get("cached")]
+    return {"runs": rows, "warm_wall_median_s": statistics.median(warm) if warm else None}
 
 
 def run_adaptive(
@@ -634,7 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--baseline-messages", type=int, default=1000)
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="comma-separated token budgets")
     parser.add_argument("--engines", default="torch-fp32,torch-fp16,torch-bf16,torch-fp16-cudnn-sdpa,onnx-fp16")
-    parser.add_argument("--sections", default="baseline,engines,selection,adaptive,oom")
+    parser.add_argument("--sections", default="baseline,engines,selection,startup,adaptive,oom")
     parser.add_argument("--chunk", type=int, help="texts per tokeniser chunk, engines (default: max(2048, budget/4))")
     parser.add_argument("--adaptive-chunk", type=int, default=1024, help="texts per tokeniser chunk, adaptive")
     parser.add_argument("--target-ms", type=float, default=20.0, help="adaptive section's batch-time target")
@@ -670,9 +715,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from stream_app.inference.torch_engine import TorchEngine
 
     if args.texts:
-        texts, gold = read_texts(args.texts, args.messages)
+        texts, gold, names = read_texts(args.texts, args.messages)
     else:
-        texts, gold = synthetic_texts(args.messages), []
+        texts, gold, names = synthetic_texts(args.messages), [], LABELS
     budgets = [int(b) for b in args.budgets.split(",") if b]
     sections = [s for s in args.sections.split(",") if s]
     work = Path(tempfile.mkdtemp(prefix="emotion-gpu-"))
@@ -738,7 +783,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 try:
                     rows.extend(
                         run_engine(
-                            name, factories[name], encoder, texts, gold, budgets, reference, device, cuda, sampler
+                            name,
+                            factories[name],
+                            encoder,
+                            texts,
+                            gold,
+                            names,
+                            budgets,
+                            reference,
+                            device,
+                            cuda,
+                            sampler,
                         )
                     )
                 except Exception as exc:  # noqa: BLE001 - one engine's failure must not lose the others'
@@ -761,6 +816,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "baseline": lambda: run_baseline(model, texts[: args.baseline_messages], device_str),
             "engines": engines,
             "selection": lambda: run_selection(model, encoder, texts, work, device_str),
+            "startup": lambda: run_startup(model, texts, work, device_str),
             "adaptive": lambda: run_adaptive(fast, encoder, texts, args.target_ms, sampler, args.adaptive_chunk),
             "oom": lambda: run_oom(fast, encoder, texts, device),
         }

@@ -131,8 +131,9 @@ class Metrics:
         )
         self.cold_start_seconds = Gauge(
             "emotion_cold_start_seconds",
-            "Start-up, by phase: import (libraries), engine_load (model to first prediction), warmup, "
-            "kafka_join (group joined, partitions assigned), ready (launch to ready), all from process start.",
+            "Start-up, by phase: import (process start to the worker's first line: interpreter and libraries), "
+            "engine_import, engine_load and warmup (the model, in a thread beside the rest), ready and "
+            "first_chunk (process start to ready and to the first input chunk taken).",
             ["phase"],
             registry=r,
         )

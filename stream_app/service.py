@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 from stream_app.errors import ModelError
 from stream_app.inference.base import Engine, available_cores
-from stream_app.inference.select import SelectionReport, load_engine, resolve_device, warm_up
+from stream_app.inference.parity import default_parity_texts
+from stream_app.inference.select import SelectionReport, resolve_device
+from stream_app.inference.startup import EngineStart, start_engine
 from stream_app.inference.tokenize import TextEncoder
 from stream_app.metrics import Metrics
 from stream_app.settings import Settings
@@ -34,8 +34,7 @@ _log = logging.getLogger(__name__)
 
 def parity_texts() -> list[str]:
     """The fixed sample used for engine parity checks and warm-up (chat-like, all seven emotions)."""
-    text = resources.files("stream_app").joinpath("resources/parity_texts.txt").read_text(encoding="utf-8")
-    return [line for line in text.splitlines() if line.strip()]
+    return default_parity_texts()
 
 
 def resolve_model_path(settings: Settings) -> str:
@@ -76,53 +75,55 @@ class Runtime:
     inference_threads: int = 1
     load_s: float = 0.0
     warm_file_phrases: list[str] = field(default_factory=list)
+    engine_start: EngineStart | None = None
 
 
 def build_runtime(settings: Settings, metrics: Metrics | None = None) -> Runtime:
-    """Load the model (engine selection with parity gate), warm it up, and build the caches."""
+    """Start the engine (:func:`~stream_app.inference.startup.start_engine`: cached selection, parity
+    gate, warm-up), and build the caches."""
     metrics = metrics or Metrics()
     model_path = resolve_model_path(settings)
     if Path(model_path).exists():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder never needs the hub
     m = settings.model
-    t0 = time.perf_counter()
 
     def on_fallback(from_engine: str, to_engine: str, reason: str) -> None:
         _log.warning("engine fallback %s -> %s: %s", from_engine, to_engine, reason)
-        # reasons start with a fixed code (load_failed, parity_failed, unsupported, predict_failed)
+        # reasons start with a fixed code (load_failed, parity_failed, nondeterministic, unsupported, ...)
         metrics.engine_fallbacks_total.labels(reason.split(":", 1)[0]).inc()
 
     concurrency = concurrent_batches(settings, resolve_device(m.device))
     threads = inference_threads(settings, concurrency)
-    encoder = TextEncoder.from_pretrained(model_path, max_length=m.max_length_tokens)
-    samples = parity_texts()[: m.parity_sample_size]
-    engine, report = load_engine(
+    started = start_engine(
         model_path,
         engine=m.engine,
         device=m.device,
         gpu_dtype=m.gpu_dtype,
         num_threads=threads,
         cache_dir=settings.data.cache_dir,
-        parity_texts=samples,
+        parity_texts=parity_texts()[: m.parity_sample_size],
         min_top1_agreement=m.parity_min_top1_agreement,
         max_prob_diff=m.parity_max_prob_diff,
+        max_length=m.max_length_tokens,
         on_fallback=on_fallback,
         cpu_spin_wait=m.cpu_spin_wait,
     )
-    warm_up(engine, encoder, samples)
+    engine, encoder, report = started.engine, started.encoder, started.report
     _log.info("inference: %d concurrent batch(es), %d intra-op thread(s) each on a CPU", concurrency, threads)
-    cold = time.perf_counter() - t0
-    metrics.cold_start_seconds.labels("engine_load").set(cold)
+    for phase, seconds in started.phases.items():  # import (of the engine's runtime), engine_load, warmup
+        metrics.cold_start_seconds.labels("engine_import" if phase == "import" else phase).set(seconds)
     info = engine.info
     metrics.engine_info.labels(f"{info.kind}-{info.precision}", info.device, info.model_version).set(1)
     _log.info(
-        "model %s (%s) on %s-%s/%s ready in %.1fs",
+        "model %s (%s) on %s-%s/%s ready in %.2fs (%s; %s)",
         info.model_name,
         info.model_version,
         info.kind,
         info.precision,
         info.device,
-        cold,
+        started.seconds,
+        "cached selection" if started.cached else "full selection",
+        ", ".join(f"{phase} {seconds:.2f}s" for phase, seconds in started.phases.items()),
     )
     phrases: list[str] = []
     if settings.cache.warm_file is not None:
@@ -136,6 +137,7 @@ def build_runtime(settings: Settings, metrics: Metrics | None = None) -> Runtime
         report,
         concurrent_batches=concurrency,
         inference_threads=threads,
-        load_s=cold,
+        load_s=started.seconds,
         warm_file_phrases=phrases,
+        engine_start=started,
     )

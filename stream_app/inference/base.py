@@ -240,7 +240,8 @@ def estimate_bytes_per_token(config: Mapping[str, Any], bytes_per_value: int, ma
 
 
 def memory_token_budget(engine: Engine, *, headroom: float = 0.5, ceiling: int = 1 << 20) -> int | None:
-    """Largest padded-token count one batch may have on the engine's CUDA device; ``None`` on a CPU.
+    """Largest padded-token count one batch may have on the engine's CUDA device; ``None`` on a CPU (or
+    without torch).
 
     Free memory (``torch.cuda.mem_get_info``, which sees every allocator on the device, ONNX Runtime's
     arena too) times ``headroom``, divided by the engine's ``bytes_per_token`` (an estimate, raised by
@@ -255,7 +256,11 @@ def memory_token_budget(engine: Engine, *, headroom: float = 0.5, ceiling: int =
     device = engine.info.device
     if not device.startswith("cuda"):
         return None
-    import torch
+    try:
+        import torch
+    except ImportError:  # an ONNX-only install: no allocator-wide view of free memory, so no cap
+        log.info("no torch to read free CUDA memory; the token budget is not capped by memory")
+        return None
 
     free, _total = torch.cuda.mem_get_info(torch.device(device))
     per_token = int(getattr(engine, "bytes_per_token", 0)) or 64 * 1024

@@ -1,4 +1,10 @@
-"""The ONNX Runtime engine: fp32 or dynamic INT8 on a CPU, fp16 (or fp32) on CUDA with IO binding."""
+"""The ONNX Runtime engine: fp32 or INT8 on a CPU, fp16 (or fp32) on CUDA with IO binding.
+
+ONNX files are looked up in ``<model>/onnx/`` and otherwise built once into
+``<cache_dir>/onnx/<model version>/``. The INT8 file's name carries its recipe
+(``model.int8.<INT8_SCHEME>.onnx``): a file made by another recipe, such as the batch-dependent
+``model.int8.onnx`` of earlier versions, is never picked up for this one.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from typing import Any, Literal
 import numpy as np
 
 from stream_app.errors import DeviceOutOfMemoryError, EngineError
+from stream_app.inference._optional import require
 from stream_app.inference.base import (
     EngineInfo,
     FloatArray,
@@ -19,15 +26,20 @@ from stream_app.inference.base import (
     resolve_num_threads,
     softmax,
 )
-from stream_app.inference.onnx_export import convert_fp16, export_fp32, quantize_int8
+from stream_app.inference.onnx_export import INT8_SCHEME, convert_fp16, export_fp32, quantize_int8
 from stream_app.inference.tokenize import EncodedBatch
 
-__all__ = ["OnnxEngine", "OnnxPrecision", "onnx_model_file"]
+__all__ = ["ONNX_FILES", "OnnxEngine", "OnnxPrecision", "onnx_model_file"]
 
 log = logging.getLogger(__name__)
 
 OnnxPrecision = Literal["fp32", "int8", "fp16"]
-_FILES: dict[str, str] = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
+ONNX_FILES: dict[str, str] = {
+    "fp32": "model.onnx",
+    "int8": f"model.int8.{INT8_SCHEME}.onnx",
+    "fp16": "model.fp16.onnx",
+}
+"""File name of each precision, in ``<model>/onnx/`` and in the cache."""
 # Substrings of ONNX Runtime's messages when an allocation fails (BFC arena, cudaMalloc, CPU allocator).
 _OOM_MARKERS = ("out of memory", "failed to allocate", "bfcarena", "cudaerrormemoryallocation")
 
@@ -43,19 +55,19 @@ def onnx_model_file(
     Raises:
         EngineError: it must be built and ``cache_dir`` is None, or the build failed.
     """
-    shipped = Path(model_path) / "onnx" / _FILES[precision]
+    shipped = Path(model_path) / "onnx" / ONNX_FILES[precision]
     if shipped.is_file():
         return shipped
     if cache_dir is None:
         raise EngineError(f"{shipped} does not exist and no cache_dir was given to export it into")
     version = model_version or model_identity(model_path)[1]
     folder = Path(cache_dir) / "onnx" / version
-    target = folder / _FILES[precision]
+    target = folder / ONNX_FILES[precision]
     if target.is_file():
         return target
-    fp32 = Path(model_path) / "onnx" / _FILES["fp32"]
+    fp32 = Path(model_path) / "onnx" / ONNX_FILES["fp32"]
     if not fp32.is_file():
-        fp32 = folder / _FILES["fp32"]
+        fp32 = folder / ONNX_FILES["fp32"]
         if not fp32.is_file():
             log.info("exporting %s to ONNX in %s", model_path, folder)
             export_fp32(model_path, fp32)
@@ -74,7 +86,8 @@ def _is_oom(exc: BaseException) -> bool:
 class OnnxEngine:
     """An ONNX Runtime ``InferenceSession`` over the exported classifier.
 
-    CPU: fp32 or INT8 (dynamic quantisation; about twice the fp32 speed on AVX2/VNNI cores), graph
+    CPU: fp32 or INT8 (:data:`~stream_app.inference.onnx_export.INT8_SCHEME`: int8 weights per channel, int8
+    activations quantised per row, so scores do not depend on the batch; about 1.8x fp32 on one core), graph
     optimisation ``ORT_ENABLE_ALL`` (fuses attention, layer norm and GELU), ``num_threads`` intra-op
     threads and one inter-op thread (a single sequential graph). CUDA: the ``CUDAExecutionProvider`` of
     the optional ``onnxruntime-gpu`` package (extra ``gpu``), fp16 or fp32, inputs copied once and logits
@@ -90,6 +103,7 @@ class OnnxEngine:
         *,
         cache_dir: Path | None = None,
         allow_spinning: bool = True,
+        model_file: Path | None = None,
     ) -> None:
         """Find or build the ONNX file and open a session.
 
@@ -103,13 +117,15 @@ class OnnxEngine:
             allow_spinning: let idle intra-op threads spin for a moment before sleeping. Spinning shaves
                 latency off back-to-back batches but burns CPU that tokenisation on the same cores could
                 use between batches.
+            model_file: run this ONNX file instead of looking one up (benchmarks comparing recipes);
+                ``precision`` must still describe it.
 
         Raises:
             EngineError: unsupported precision/device pair, missing ``onnxruntime-gpu``, a failed export,
                 or a session that cannot be created.
             ModelError: ``path`` is not a usable checkpoint.
         """
-        import onnxruntime as ort
+        ort: Any = require("onnxruntime", "the ONNX engine")
 
         device_type, _, index_text = device.partition(":")
         if device_type not in ("cpu", "cuda"):
@@ -117,7 +133,7 @@ class OnnxEngine:
         if device_type == "cpu" and precision == "fp16":
             raise EngineError("ONNX fp16 needs CUDA; the CPU provider lacks fast fp16 kernels")
         if device_type == "cuda" and precision == "int8":
-            raise EngineError("ONNX INT8 (dynamic quantisation) runs on the CPU provider only")
+            raise EngineError("ONNX INT8 runs on the CPU provider only")
         providers: list[Any]
         if device_type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -142,7 +158,9 @@ class OnnxEngine:
         config = read_model_config(path)
         self.labels: tuple[str, ...] = labels_from_config(config)
         name, version = model_identity(path)
-        self.model_file = onnx_model_file(path, precision, cache_dir, version)
+        self.model_file = (
+            Path(model_file) if model_file is not None else onnx_model_file(path, precision, cache_dir, version)
+        )
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

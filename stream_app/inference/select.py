@@ -1,37 +1,48 @@
-"""Choosing an engine: candidates, the parity gate, timing, fallback and warm-up.
+"""Choosing an engine: candidates, the parity gate, batch invariance, timing, fallback and warm-up.
 
-:func:`load_engine` tries the candidates for the device in expected speed order (CPU: ONNX INT8, ONNX
+:func:`select_engine` tries the candidates for the device in expected speed order (CPU: ONNX INT8, ONNX
 fp32, PyTorch; CUDA: ONNX fp16, PyTorch fp16/bf16, ONNX fp32, PyTorch fp32). Each one must load and agree
 with the PyTorch fp32 reference on a fixed text sample (top-1 agreement and largest probability
-difference); the passing candidates are timed on that sample and the fastest wins. PyTorch is the floor:
-whatever fails, the worker still starts. An ONNX engine is returned inside a :class:`FallbackEngine`, so a
-run-time failure switches to PyTorch for good instead of stopping the stream.
+difference); on a CPU it must also give a text the same scores alone as in a padded batch with other
+texts (:func:`~stream_app.inference.parity.batch_invariance`), so a replay never changes a label. The
+passing candidates are timed on that sample and the fastest wins. PyTorch is the floor: whatever fails,
+the worker still starts. An ONNX engine is returned inside a :class:`FallbackEngine`, so a run-time
+failure switches to PyTorch for good instead of stopping the stream.
+
+The reference probabilities come from the caller when it has them stored
+(:mod:`stream_app.inference.parity`), else from PyTorch fp32, else (PyTorch not installed) from ONNX fp32,
+whose export was checked against PyTorch when it was made. :mod:`stream_app.inference.startup` caches the
+outcome per model and host, so a restart does none of this.
 
 ``on_fallback(from_engine, to_engine, reason)`` reports every step down. ``reason`` starts with a fixed
 code (``load_failed``, ``parity_failed``, ``unsupported``, ``predict_failed``) followed by ``": "`` and
-free text, so a metrics label can use the code alone.
+free text, so a metrics label can use the code alone (``nondeterministic`` for a failed invariance check).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import statistics
-import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from stream_app.errors import DeviceOutOfMemoryError, EngineError, ModelError
+from stream_app.errors import EngineError, ModelError
+from stream_app.inference._optional import MissingExtraError
 from stream_app.inference.base import Engine, EngineInfo, FloatArray
+from stream_app.inference.fallback import FallbackEngine, OnFallback, close_quietly
+from stream_app.inference.parity import ParityResult, batch_invariance, check_parity
 from stream_app.inference.tokenize import EncodedBatch, TextEncoder
 
 __all__ = [
     "BUILTIN_PARITY_TEXTS",
+    "INVARIANCE_TOLERANCE",
     "CandidateResult",
     "DeviceChoice",
     "EngineChoice",
@@ -39,10 +50,12 @@ __all__ = [
     "GpuDtype",
     "OnFallback",
     "ParityResult",
+    "Selection",
     "SelectionReport",
     "check_parity",
     "load_engine",
     "resolve_device",
+    "select_engine",
     "warm_up",
 ]
 
@@ -51,10 +64,11 @@ log = logging.getLogger(__name__)
 EngineChoice = Literal["auto", "torch", "onnx", "onnx-int8"]
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 GpuDtype = Literal["float16", "bfloat16", "float32"]
-OnFallback = Callable[[str, str, str], None]
 
 _TIMING_BATCH_ROWS = {"cpu": 32, "cuda": 512}
 _TIMING_REPEATS = 3
+INVARIANCE_TOLERANCE = 1e-5
+"""Largest probability change allowed between a text scored alone and in a padded batch (CPU candidates)."""
 
 BUILTIN_PARITY_TEXTS: tuple[str, ...] = (
     "I can't believe they cancelled the show, this is outrageous!",
@@ -86,41 +100,21 @@ BUILTIN_PARITY_TEXTS: tuple[str, ...] = (
 
 
 @dataclass(frozen=True, slots=True)
-class ParityResult:
-    """How a candidate's probabilities compare with the reference on the parity sample.
-
-    Attributes:
-        top1_agreement: share of rows whose top label matches the reference's (raw, reported).
-        max_prob_diff: largest absolute probability difference over all rows and labels.
-        passed: both gates hold (``decisive_agreement`` and ``max_prob_diff``).
-        reason: what failed, or None.
-        decisive_agreement: like ``top1_agreement``, but a flip between two labels that the reference
-            itself scores within ``tie_margin`` of each other is not counted (the gated value).
-        near_tie_flips: flips excused as near ties.
-    """
-
-    top1_agreement: float
-    max_prob_diff: float
-    passed: bool
-    reason: str | None
-    decisive_agreement: float = 1.0
-    near_tie_flips: int = 0
-
-
-@dataclass(frozen=True, slots=True)
 class CandidateResult:
     """What happened to one candidate during selection.
 
     Attributes:
         name: engine label (``onnx-int8``, ``onnx``, ``torch``, ``torch-fp16``...).
         loaded: it loaded (and, for ONNX, exported) without error.
-        passed: it loaded and passed the parity gate.
+        passed: it loaded and passed the parity gate (and, on a CPU, the batch-invariance check).
         top1_agreement: share of parity texts whose top label matches the reference (None if not run).
         decisive_agreement: the gated agreement, near ties excused (see :class:`ParityResult`).
         max_prob_diff: largest absolute probability difference to the reference (None if not run).
         ms_per_batch: median time of one timing batch (None if not timed).
         load_s: seconds to load (including any ONNX export or quantisation on first use).
         reason: why it was rejected, or None.
+        batch_invariance: largest probability change of a text between scored alone and in a padded
+            batch (None if not checked).
     """
 
     name: str
@@ -132,11 +126,12 @@ class CandidateResult:
     ms_per_batch: float | None = None
     load_s: float | None = None
     reason: str | None = None
+    batch_invariance: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class SelectionReport:
-    """The outcome of :func:`load_engine`.
+    """The outcome of :func:`select_engine`.
 
     Attributes:
         chosen: the engine that serves traffic.
@@ -146,6 +141,8 @@ class SelectionReport:
         cold_start_s: from the start of the chosen engine's load to its first prediction.
         selection_s: the whole selection, reference and every candidate included.
         fallback_reasons: one entry per step down, ``"from -> to: reason"``.
+        reference: what the parity reference probabilities came from (``stored: ...``, ``torch``,
+            ``onnx (torch not installed)``), empty when the gate was disabled.
     """
 
     chosen: EngineInfo
@@ -155,85 +152,108 @@ class SelectionReport:
     cold_start_s: float
     selection_s: float
     fallback_reasons: tuple[str, ...] = field(default_factory=tuple)
+    reference: str = ""
 
     def as_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (for logs, the profile report and benchmarks)."""
+        """A JSON-ready dict (for logs, the profile report, benchmarks and the selection cache)."""
         data = asdict(self)
         data["chosen"]["name"] = self.chosen.name
         return data
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SelectionReport:
+        """Inverse of :meth:`as_dict`.
 
-def check_parity(
-    candidate: FloatArray,
-    reference: FloatArray,
-    *,
-    min_top1_agreement: float,
-    max_prob_diff: float,
-    tie_margin: float | None = None,
-) -> ParityResult:
-    """Compare two ``(rows, labels)`` probability arrays against the gate's two thresholds.
-
-    The agreement gate counts a changed top label only where the reference preferred its label by more
-    than ``tie_margin`` (default: ``max_prob_diff``) over the candidate's choice. A flip between two
-    labels the reference scores nearly alike is what an accepted probability error of that size produces;
-    counting it would make the gate a coin toss on small samples (INT8 MiniLM agrees on ~98% of dev
-    texts, so 64 texts hold two or more near-tie flips about a third of the time), while every flip of a
-    clear decision still counts. ``tie_margin=0`` gives the raw top-1 agreement.
-    """
-    if candidate.shape != reference.shape:
-        return ParityResult(0.0, 1.0, False, f"shape {candidate.shape} != reference {reference.shape}", 0.0)
-    if not np.isfinite(candidate).all():
-        return ParityResult(0.0, 1.0, False, "non-finite probabilities", 0.0)
-    rows = candidate.shape[0]
-    if rows == 0:
-        return ParityResult(1.0, 0.0, True, None)
-    margin = max_prob_diff if tie_margin is None else tie_margin
-    chosen = candidate.argmax(axis=1)
-    expected = reference.argmax(axis=1)
-    flips = chosen != expected
-    index = np.arange(rows)
-    # How much more the reference liked its own label than the candidate's choice.
-    preference = reference[index, expected].astype(np.float64) - reference[index, chosen]
-    decisive_flips = flips & (preference > margin)
-    agreement = float(1.0 - flips.mean())
-    decisive = float(1.0 - decisive_flips.mean())
-    diff = float(np.abs(candidate.astype(np.float64) - reference.astype(np.float64)).max())
-    problems = []
-    if decisive < min_top1_agreement:
-        problems.append(
-            f"top-1 agreement {decisive:.3f} < {min_top1_agreement:.3f} "
-            f"({int(decisive_flips.sum())} of {rows} clear decisions changed)"
+        Raises:
+            KeyError, TypeError, ValueError: not a report written by :meth:`as_dict`.
+        """
+        chosen = {k: v for k, v in data["chosen"].items() if k != "name"}
+        return cls(
+            chosen=EngineInfo(**chosen),
+            requested=str(data["requested"]),
+            device=str(data["device"]),
+            candidates=tuple(CandidateResult(**c) for c in data["candidates"]),
+            cold_start_s=float(data["cold_start_s"]),
+            selection_s=float(data["selection_s"]),
+            fallback_reasons=tuple(data.get("fallback_reasons", ())),
+            reference=str(data.get("reference", "")),
         )
-    if diff > max_prob_diff:
-        problems.append(f"max |dp| {diff:.4f} > {max_prob_diff:.4f}")
-    return ParityResult(
-        agreement,
-        diff,
-        not problems,
-        "; ".join(problems) or None,
-        decisive_agreement=decisive,
-        near_tie_flips=int(flips.sum() - decisive_flips.sum()),
-    )
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What :func:`select_engine` returns.
+
+    Attributes:
+        engine: the engine to serve with (an ONNX engine comes inside a :class:`FallbackEngine`).
+        report: the selection report.
+        reference: the reference probabilities of the parity sample (rows in ``parity_texts`` order),
+            None when the gate was disabled.
+        fallbacks: ``(from_engine, to_engine, reason)`` for each step down reported to ``on_fallback``.
+    """
+
+    engine: Engine
+    report: SelectionReport
+    reference: FloatArray | None
+    fallbacks: tuple[tuple[str, str, str], ...] = ()
+
+
+def _nvidia_gpu_shown() -> bool:
+    """The NVIDIA driver shows at least one GPU (``/proc/driver/nvidia/gpus/*`` or ``/dev/nvidia0``)."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return (gpus.is_dir() and any(gpus.iterdir())) or Path("/dev/nvidia0").exists()
+
+
+def _cuda_visible() -> bool | None:
+    """Whether an NVIDIA GPU can be present, without importing torch: False when the driver shows none
+    or ``CUDA_VISIBLE_DEVICES`` hides every device, None when only a CUDA runtime can tell."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1", "none", "NoDevFiles"):
+        return False
+    if Path("/proc/driver").is_dir() and not _nvidia_gpu_shown():
+        return False
+    return None
 
 
 def resolve_device(device: DeviceChoice | str) -> str:
-    """``auto`` -> ``cuda:0`` when torch sees a GPU, else ``cpu``; ``cuda`` -> ``cuda:0``.
+    """``auto`` -> ``cuda:0`` when a CUDA GPU is usable, else ``cpu``; ``cuda`` -> ``cuda:0``.
+
+    A host whose driver shows no NVIDIA GPU resolves ``auto`` to ``cpu`` without importing torch (a CPU
+    worker's start must not pay for it), and so does a GPU host with ``onnxruntime-gpu`` (its CUDA
+    provider serves there). Otherwise torch decides when installed.
 
     Raises:
-        EngineError: ``cuda`` was asked for and torch sees none.
+        EngineError: ``cuda`` was asked for and none is usable, or an unknown device name.
     """
     if device == "cpu":
         return "cpu"
-    import torch
-
-    available = torch.cuda.is_available()
+    if device != "auto" and not device.startswith("cuda"):
+        raise EngineError(f"unknown device {device!r} (auto, cpu or cuda)")
+    available = False if _cuda_visible() is False else _cuda_available()
     if device == "auto":
         return "cuda:0" if available else "cpu"
-    if not device.startswith("cuda"):
-        raise EngineError(f"unknown device {device!r} (auto, cpu or cuda)")
     if not available:
-        raise EngineError("device=cuda but torch.cuda.is_available() is False")
+        raise EngineError(f"device={device} but no CUDA device is usable here")
     return "cuda:0" if device == "cuda" else device
+
+
+def _cuda_available() -> bool:
+    from stream_app.inference._optional import installed_version
+
+    try:
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" in ort.get_available_providers() and _nvidia_gpu_shown():
+            return True
+    except ImportError:
+        pass
+    if installed_version("torch") is None:
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +273,7 @@ class _Plan:
     reference: _Spec
     runtime_fallback: _Spec
     unsupported: list[tuple[str, str]]
+    onnx_reference: _Spec
 
 
 def _plan(
@@ -264,23 +285,31 @@ def _plan(
     cache_dir: Path | None,
     cpu_spin_wait: bool = False,
 ) -> _Plan:
-    """Candidates in expected speed order, the parity reference, and the run-time fallback."""
-    from stream_app.inference.onnx_engine import OnnxEngine
-    from stream_app.inference.torch_engine import TorchEngine
+    """Candidates in expected speed order, the parity reference, and the run-time fallback.
+
+    Nothing is imported or loaded here: the engine modules import their runtimes when constructed.
+    """
+    from stream_app.inference import onnx_engine, torch_engine
 
     cuda = device.startswith("cuda")
 
-    def onnx(precision: Literal["fp32", "int8", "fp16"]) -> _Spec:
+    def onnx(precision: Literal["fp32", "int8", "fp16"], on: str = device) -> _Spec:
         name = "onnx" if precision == "fp32" else f"onnx-{precision}"
         return _Spec(
             name,
-            lambda: OnnxEngine(path, precision, device, num_threads, cache_dir=cache_dir, allow_spinning=cpu_spin_wait),
+            lambda: onnx_engine.OnnxEngine(
+                path, precision, on, num_threads, cache_dir=cache_dir, allow_spinning=cpu_spin_wait
+            ),
         )
 
-    reference = _Spec("torch", lambda: TorchEngine(path, device, "float32", num_threads), is_reference=True)
+    reference = _Spec(
+        "torch", lambda: torch_engine.TorchEngine(path, device, "float32", num_threads), is_reference=True
+    )
     torch_fast = reference
     if cuda and gpu_dtype != "float32":
-        torch_fast = _Spec(_torch_dtype_name(gpu_dtype), lambda: TorchEngine(path, device, gpu_dtype, num_threads))
+        torch_fast = _Spec(
+            _torch_dtype_name(gpu_dtype), lambda: torch_engine.TorchEngine(path, device, gpu_dtype, num_threads)
+        )
     unsupported: list[tuple[str, str]] = []
     candidates: list[_Spec]
     if requested == "torch":
@@ -288,7 +317,7 @@ def _plan(
     elif requested == "onnx":
         candidates = [onnx("fp16" if cuda and gpu_dtype == "float16" else "fp32")]
     elif requested == "onnx-int8" and cuda:
-        unsupported.append(("onnx-int8", "dynamic INT8 runs on the CPU provider only"))
+        unsupported.append(("onnx-int8", "INT8 runs on the CPU provider only"))
         candidates = [torch_fast]
     elif requested == "onnx-int8":
         candidates = [onnx("int8")]
@@ -301,7 +330,7 @@ def _plan(
         candidates = [torch_fast, onnx("fp32"), reference]
     else:
         candidates = [onnx("fp32"), reference]
-    return _Plan(candidates, reference, torch_fast, unsupported)
+    return _Plan(candidates, reference, torch_fast, unsupported, onnx("fp32", "cpu"))
 
 
 def _timing_batches(encoder: TextEncoder, texts: Sequence[str], rows: int) -> list[EncodedBatch]:
@@ -310,8 +339,14 @@ def _timing_batches(encoder: TextEncoder, texts: Sequence[str], rows: int) -> li
     32 rows on a CPU; 512 on CUDA, where small batches only time Python's kernel launches (on an H100,
     fp16 and fp32 ran 32-row batches equally fast, while at 16k-token batches fp16 did 2.4x fp32).
     """
-    items = sorted(encoder.encode(texts), key=lambda item: item.n_tokens)
-    return [encoder.pad(items[i : i + rows]) for i in range(0, len(items), rows)]
+    items = sorted(enumerate(encoder.encode(texts)), key=lambda pair: pair[1].n_tokens)
+    return [encoder.pad([item for _, item in items[i : i + rows]]) for i in range(0, len(items), rows)]
+
+
+def _sample_order(encoder: TextEncoder, texts: Sequence[str]) -> list[int]:
+    """The row order of :func:`_timing_batches`' output: text indices sorted by token count (stable)."""
+    items = encoder.encode(texts)
+    return sorted(range(len(items)), key=lambda i: items[i].n_tokens)
 
 
 def _predict_all(engine: Engine, batches: Sequence[EncodedBatch]) -> FloatArray:
@@ -332,11 +367,7 @@ def _time_engine(engine: Engine, batches: Sequence[EncodedBatch]) -> float:
     return statistics.median(runs)
 
 
-def _close_quietly(engine: Engine) -> None:
-    try:
-        engine.close()
-    except (EngineError, RuntimeError) as exc:
-        log.warning("closing %s failed: %s", engine.info.name, exc)
+_LOAD_ERRORS = (EngineError, ModelError, OSError, RuntimeError, ValueError)
 
 
 def load_engine(
@@ -357,8 +388,58 @@ def load_engine(
     benchmark: bool = True,
     wrap_fallback: bool = True,
     cpu_spin_wait: bool = False,
+    reference: FloatArray | None = None,
+    reference_source: str = "stored",
+    check_invariance: bool | None = None,
 ) -> tuple[Engine, SelectionReport]:
-    """Load the best engine for ``device`` that passes the parity gate.
+    """:func:`select_engine`, returning ``(engine, report)`` only (the form most callers want)."""
+    selection = select_engine(
+        path,
+        engine=engine,
+        device=device,
+        gpu_dtype=gpu_dtype,
+        num_threads=num_threads,
+        cache_dir=cache_dir,
+        parity_texts=parity_texts,
+        min_top1_agreement=min_top1_agreement,
+        max_prob_diff=max_prob_diff,
+        on_fallback=on_fallback,
+        tie_margin=tie_margin,
+        max_length=max_length,
+        encoder=encoder,
+        benchmark=benchmark,
+        wrap_fallback=wrap_fallback,
+        cpu_spin_wait=cpu_spin_wait,
+        reference=reference,
+        reference_source=reference_source,
+        check_invariance=check_invariance,
+    )
+    return selection.engine, selection.report
+
+
+def select_engine(
+    path: str | Path,
+    *,
+    engine: EngineChoice = "auto",
+    device: DeviceChoice | str = "auto",
+    gpu_dtype: GpuDtype = "float16",
+    num_threads: int = 0,
+    cache_dir: Path | None = None,
+    parity_texts: Sequence[str] = BUILTIN_PARITY_TEXTS,
+    min_top1_agreement: float = 0.97,
+    max_prob_diff: float = 0.1,
+    on_fallback: OnFallback | None = None,
+    tie_margin: float | None = None,
+    max_length: int = 128,
+    encoder: TextEncoder | None = None,
+    benchmark: bool = True,
+    wrap_fallback: bool = True,
+    cpu_spin_wait: bool = False,
+    reference: FloatArray | None = None,
+    reference_source: str = "stored",
+    check_invariance: bool | None = None,
+) -> Selection:
+    """Load the best engine for ``device`` that passes the parity gate (and, on a CPU, is batch-invariant).
 
     Args:
         path: model folder.
@@ -384,9 +465,12 @@ def load_engine(
         wrap_fallback: return an ONNX engine inside a :class:`FallbackEngine` to PyTorch.
         cpu_spin_wait: let ONNX Runtime's idle CPU threads spin (lower latency on a dedicated machine;
             on a small or shared one the spinning starves the consumer and tokenizer threads).
-
-    Returns:
-        The engine and a :class:`SelectionReport`.
+        reference: PyTorch fp32 probabilities of ``parity_texts`` (in that order) when the caller has them
+            stored; PyTorch is then not run as a reference (it is still a candidate where the plan has it).
+        reference_source: where ``reference`` came from, for the report.
+        check_invariance: require each candidate to score a text the same alone as in a padded batch
+            (within :data:`INVARIANCE_TOLERANCE`, no label change). None = on a CPU only: CUDA kernels
+            are chosen by shape, and fp16 GEMMs differ in the last bits between shapes.
 
     Raises:
         ModelError: the model folder cannot be loaded at all.
@@ -400,21 +484,46 @@ def load_engine(
     texts = list(parity_texts)
     rows = _TIMING_BATCH_ROWS["cuda" if resolved.startswith("cuda") else "cpu"]
     batches = _timing_batches(encoder, texts, rows) if texts else []
+    order = _sample_order(encoder, texts) if texts else []
+    invariance_gate = (not resolved.startswith("cuda")) if check_invariance is None else check_invariance
     if not texts:
         log.warning("engine parity gate disabled: no parity texts")
 
-    reference: Engine | None = None
-    reference_probs: FloatArray | None = None
-    reference_first_output_s = 0.0
+    torch_reference: Engine | None = None  # the PyTorch fp32 engine, when it was loaded
+    torch_first_output_s = 0.0
+    sorted_reference: FloatArray | None = None  # reference rows in batch (sorted) order
+    source = ""
+    if reference is not None and texts:
+        if reference.shape[0] != len(texts):
+            raise EngineError(f"reference has {reference.shape[0]} rows for {len(texts)} parity texts")
+        sorted_reference = np.asarray(reference, dtype=np.float32)[order]
+        source = reference_source
 
-    def get_reference() -> tuple[Engine, FloatArray]:
-        nonlocal reference, reference_probs, reference_first_output_s
-        if reference is None or reference_probs is None:
-            start = time.perf_counter()
-            reference = reference_spec.factory()
-            reference_probs = _predict_all(reference, batches)
-            reference_first_output_s = time.perf_counter() - start
-        return reference, reference_probs
+    def load_torch_reference() -> tuple[Engine, FloatArray]:
+        nonlocal torch_reference, torch_first_output_s
+        start = time.perf_counter()
+        if torch_reference is None:
+            torch_reference = reference_spec.factory()
+        probs = _predict_all(torch_reference, batches)
+        torch_first_output_s = time.perf_counter() - start
+        return torch_reference, probs
+
+    def get_reference() -> FloatArray:
+        """The reference rows (sorted order): stored, else PyTorch fp32, else ONNX fp32 without torch."""
+        nonlocal sorted_reference, source
+        if sorted_reference is None:
+            try:
+                _, sorted_reference = load_torch_reference()
+                source = "torch"
+            except MissingExtraError as torch_error:
+                log.warning("no PyTorch for the parity reference (%s); using ONNX fp32", torch_error)
+                onnx_reference = plan.onnx_reference.factory()
+                try:
+                    sorted_reference = _predict_all(onnx_reference, batches)
+                finally:
+                    close_quietly(onnx_reference)
+                source = "onnx (torch not installed)"
+        return sorted_reference
 
     results: list[CandidateResult] = []
     loaded: dict[str, tuple[Engine, float]] = {}  # name -> (engine, seconds from load start to 1st output)
@@ -425,68 +534,71 @@ def load_engine(
     for spec in specs:
         start = time.perf_counter()
         try:
-            if spec.is_reference:
-                candidate, probs = get_reference()
+            if spec.is_reference and torch_reference is not None:
+                candidate = torch_reference
+                probs = _predict_all(candidate, batches)
+                first_output_s = torch_first_output_s
+            elif spec.is_reference:
+                candidate, probs = load_torch_reference()
+                first_output_s = torch_first_output_s
             else:
                 candidate = spec.factory()
                 probs = _predict_all(candidate, batches)
-        except (EngineError, ModelError, OSError, RuntimeError, ValueError) as exc:
-            if spec.is_reference:
-                raise
-            reason = f"load_failed: {type(exc).__name__}: {exc}"
-            log.warning("engine candidate %s rejected: %s", spec.name, reason)
-            results.append(CandidateResult(spec.name, loaded=False, passed=False, reason=reason))
-            rejected.append((spec.name, reason))
+                first_output_s = time.perf_counter() - start
+        except _LOAD_ERRORS as exc:
+            failure = f"load_failed: {type(exc).__name__}: {exc}"
+            log.warning("engine candidate %s rejected: %s", spec.name, failure)
+            results.append(CandidateResult(spec.name, loaded=False, passed=False, reason=failure))
+            rejected.append((spec.name, failure))
             continue
-        # The reference may have been loaded earlier, for another candidate's parity check.
-        first_output_s = reference_first_output_s if spec.is_reference else time.perf_counter() - start
-        load_s = first_output_s
         parity = ParityResult(1.0, 0.0, True, None)
-        if texts and not spec.is_reference:
-            try:
-                _, ref_probs = get_reference()
-            except (EngineError, ModelError, OSError, RuntimeError, ValueError):
-                _close_quietly(candidate)
-                raise
-            parity = check_parity(
-                probs,
-                ref_probs,
-                min_top1_agreement=min_top1_agreement,
-                max_prob_diff=max_prob_diff,
-                tie_margin=tie_margin,
-            )
+        invariance = None
+        try:
+            if texts and spec.is_reference and sorted_reference is None:
+                sorted_reference, source = probs, "torch"
+            if texts and not (spec.is_reference and source == "torch"):
+                parity = check_parity(
+                    probs,
+                    get_reference(),
+                    min_top1_agreement=min_top1_agreement,
+                    max_prob_diff=max_prob_diff,
+                    tie_margin=tie_margin,
+                )
+            if texts and invariance_gate and parity.passed:
+                invariance = batch_invariance(candidate, encoder, texts)
+        except _LOAD_ERRORS:
+            if candidate is not torch_reference:
+                close_quietly(candidate)
+            raise
+        reason: str | None = None
         if not parity.passed:
             reason = f"parity_failed: {parity.reason}"
-            log.warning("engine candidate %s rejected: %s", spec.name, reason)
-            results.append(
-                CandidateResult(
-                    spec.name,
-                    loaded=True,
-                    passed=False,
-                    top1_agreement=parity.top1_agreement,
-                    decisive_agreement=parity.decisive_agreement,
-                    max_prob_diff=parity.max_prob_diff,
-                    load_s=load_s,
-                    reason=reason,
-                )
+        elif invariance is not None and not invariance.holds(INVARIANCE_TOLERANCE):
+            reason = (
+                f"nondeterministic: a text's scores change with its batch (max |dp| "
+                f"{invariance.max_prob_diff:.2e} > {INVARIANCE_TOLERANCE:.0e}, {invariance.label_flips} of "
+                f"{invariance.rows} labels changed)"
             )
+        result = CandidateResult(
+            spec.name,
+            loaded=True,
+            passed=reason is None,
+            top1_agreement=parity.top1_agreement if texts else None,
+            decisive_agreement=parity.decisive_agreement if texts else None,
+            max_prob_diff=parity.max_prob_diff if texts else None,
+            load_s=first_output_s,
+            reason=reason,
+            batch_invariance=None if invariance is None else invariance.max_prob_diff,
+        )
+        if reason is not None:
+            log.warning("engine candidate %s rejected: %s", spec.name, reason)
+            results.append(result)
             rejected.append((spec.name, reason))
-            if candidate is not reference:
-                _close_quietly(candidate)
+            if candidate is not torch_reference:
+                close_quietly(candidate)
             continue
         timed = _time_engine(candidate, batches) if benchmark and len(specs) > 1 else None
-        results.append(
-            CandidateResult(
-                spec.name,
-                loaded=True,
-                passed=True,
-                top1_agreement=parity.top1_agreement if texts else None,
-                decisive_agreement=parity.decisive_agreement if texts else None,
-                max_prob_diff=parity.max_prob_diff if texts else None,
-                ms_per_batch=timed,
-                load_s=load_s,
-            )
-        )
+        results.append(replace(result, ms_per_batch=timed))
         loaded[spec.name] = (candidate, first_output_s)
         if not benchmark:
             break
@@ -495,7 +607,8 @@ def load_engine(
     if not loaded:
         # Every candidate failed: PyTorch is the floor (a failed explicit request ends here too).
         if floor.is_reference:
-            loaded[floor.name] = (get_reference()[0], reference_first_output_s)
+            reference_engine = torch_reference or load_torch_reference()[0]
+            loaded[floor.name] = (reference_engine, torch_first_output_s)
         else:
             start = time.perf_counter()
             floor_engine = floor.factory()
@@ -508,17 +621,19 @@ def load_engine(
     chosen, cold_start_s = loaded[chosen_name]
     for other, _ in loaded.values():
         if other is not chosen:
-            _close_quietly(other)
-    if reference is not None and reference is not chosen and reference_spec.name not in loaded:
-        _close_quietly(reference)
+            close_quietly(other)
+    if torch_reference is not None and torch_reference is not chosen and reference_spec.name not in loaded:
+        close_quietly(torch_reference)
 
-    order = [s.name for s in specs]
-    chosen_rank = order.index(chosen_name) if chosen_name in order else len(order)
+    names = [s.name for s in specs]
+    chosen_rank = names.index(chosen_name) if chosen_name in names else len(names)
     reasons: list[str] = []
+    fallbacks: list[tuple[str, str, str]] = []
     for name, reason in rejected:
-        if name in order and order.index(name) > chosen_rank:
+        if name in names and names.index(name) > chosen_rank:
             continue
         reasons.append(f"{name} -> {chosen_name}: {reason}")
+        fallbacks.append((name, chosen_name, reason))
         log.warning("engine fallback %s -> %s: %s", name, chosen_name, reason)
         if on_fallback is not None:
             on_fallback(name, chosen_name, reason)
@@ -534,6 +649,7 @@ def load_engine(
         cold_start_s=cold_start_s,
         selection_s=time.perf_counter() - selection_start,
         fallback_reasons=tuple(reasons),
+        reference=source,
     )
     log.info(
         "engine %s selected on %s (cold start %.2fs, selection %.2fs)",
@@ -542,98 +658,15 @@ def load_engine(
         report.cold_start_s,
         report.selection_s,
     )
-    return served, report
+    unsorted: FloatArray | None = None
+    if sorted_reference is not None:
+        unsorted = np.empty_like(sorted_reference)
+        unsorted[order] = sorted_reference
+    return Selection(served, report, unsorted, tuple(fallbacks))
 
 
 def _finite_or_inf(value: float | None) -> float:
     return value if value is not None and math.isfinite(value) else math.inf
-
-
-class FallbackEngine:
-    """An engine that switches to a fallback, for good, when its primary fails at run time.
-
-    Device out-of-memory is not a failure of the engine (the caller splits the batch), so it passes
-    through. Any other error from ``primary.predict`` is logged, reported through ``on_fallback`` with
-    reason ``predict_failed: ...``, the fallback is built and the same batch runs again there. An error
-    of the fallback itself propagates.
-    """
-
-    def __init__(
-        self,
-        primary: Engine,
-        fallback_factory: Callable[[], Engine],
-        on_fallback: OnFallback | None = None,
-    ) -> None:
-        self._current = primary
-        self._primary = primary
-        self._factory = fallback_factory
-        self._on_fallback = on_fallback
-        self._lock = threading.Lock()
-        self.switched = False
-        self.switch_reason: str | None = None
-
-    @property
-    def info(self) -> EngineInfo:
-        """The info of the engine now serving."""
-        return self._current.info
-
-    @property
-    def labels(self) -> tuple[str, ...]:
-        """Labels of the engine now serving (the fallback must have the same)."""
-        return self._current.labels
-
-    @property
-    def bytes_per_token(self) -> int:
-        """Forwarded for :func:`~stream_app.inference.base.memory_token_budget`."""
-        return int(getattr(self._current, "bytes_per_token", 0))
-
-    @bytes_per_token.setter
-    def bytes_per_token(self, value: int) -> None:
-        if hasattr(self._current, "bytes_per_token"):
-            setattr(self._current, "bytes_per_token", value)  # noqa: B010 - not every Engine has it
-
-    @property
-    def current(self) -> Engine:
-        """The engine now serving."""
-        return self._current
-
-    def predict(self, batch: EncodedBatch) -> FloatArray:
-        """Predict on the primary; on failure switch to the fallback and predict there."""
-        engine = self._current
-        try:
-            return engine.predict(batch)
-        except DeviceOutOfMemoryError:
-            raise
-        # Broad on purpose: any failure of the primary (ORT, a bug, a bad kernel) must not stop the
-        # stream while the fallback can serve; the error is logged and reported, not swallowed.
-        except Exception as exc:
-            if engine is not self._primary:
-                raise
-            self._switch(engine, f"predict_failed: {type(exc).__name__}: {exc}")
-        return self._current.predict(batch)
-
-    def _switch(self, failed: Engine, reason: str) -> None:
-        with self._lock:
-            if self._current is not failed:  # another thread already switched
-                return
-            log.error("engine %s failed at run time, switching to its fallback: %s", failed.info.name, reason)
-            try:
-                fallback = self._factory()
-            except (EngineError, ModelError, OSError, RuntimeError) as exc:
-                raise EngineError(f"fallback engine failed to load after {reason}: {exc}") from exc
-            if fallback.labels != failed.labels:
-                _close_quietly(fallback)
-                raise EngineError(f"fallback labels {fallback.labels} != primary labels {failed.labels}")
-            self._current = fallback
-            self.switched = True
-            self.switch_reason = reason
-            _close_quietly(failed)
-        if self._on_fallback is not None:
-            self._on_fallback(failed.info.name, fallback.info.name, reason)
-
-    def close(self) -> None:
-        """Close whichever engine serves now (the primary is closed at a switch)."""
-        _close_quietly(self._current)
 
 
 def warm_up(

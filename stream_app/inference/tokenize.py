@@ -7,11 +7,13 @@ a group into the ``int64`` arrays an engine consumes, padded only to the longest
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -163,6 +165,11 @@ class TextEncoder:
     ) -> TextEncoder:
         """Load the fast tokenizer of a model folder (or cached hub id; never downloads).
 
+        A folder with ``tokenizer.json`` is read by the ``tokenizers`` package alone (about 30 ms, no
+        transformers import: an ONNX worker starts without it), with ``tokenizer_config.json`` giving the
+        pad token, the model's token limit and its inputs, as transformers' fast tokenizer would. Anything
+        else (a hub id, a folder with only slow-tokenizer files) goes through ``transformers.AutoTokenizer``.
+
         Args:
             path: model folder with ``tokenizer.json`` (or files a fast tokenizer can be built from).
             max_length: token limit per text, special tokens included; capped at the model's own limit.
@@ -170,19 +177,60 @@ class TextEncoder:
 
         Raises:
             ModelError: no fast tokenizer can be loaded from ``path``.
+            EngineError: it needs transformers (no ``tokenizer.json``) and transformers is not installed.
         """
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers import AutoTokenizer
+        folder = Path(path)
+        if (folder / "tokenizer.json").is_file():
+            return cls._from_tokenizer_json(folder, max_length, pad_to_multiple_of)
+        return cls._from_transformers(path, max_length, pad_to_multiple_of)
+
+    @classmethod
+    def _from_tokenizer_json(cls, folder: Path, max_length: int, pad_to_multiple_of: int | None) -> TextEncoder:
+        from tokenizers import Tokenizer  # type: ignore[import-untyped]
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path), use_fast=True)  # type: ignore[no-untyped-call]
+            backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as exc:  # the Rust side raises a plain Exception for a bad file
+            raise ModelError(f"cannot load {folder / 'tokenizer.json'}: {exc}") from exc
+        config = _read_json(folder / "tokenizer_config.json")
+        special = _read_json(folder / "special_tokens_map.json")
+        _sync_bert_normalizer(backend, config)
+        model_limit = config.get("model_max_length")
+        # Some tokenizers report a huge sentinel when the limit is unknown; only a real limit caps ours.
+        if isinstance(model_limit, int | float) and 0 < model_limit < 100_000:
+            max_length = min(max_length, int(model_limit))
+        pad_token = _token_text(config.get("pad_token", special.get("pad_token")))
+        pad_id = backend.token_to_id(pad_token) if pad_token else None
+        names = config.get("model_input_names")
+        if isinstance(names, list):
+            with_token_types = "token_type_ids" in names
+        else:
+            # transformers' default inputs include token types; the classes that drop them (RoBERTa,
+            # DistilBERT, GPT-2...) belong to models without a segment embedding to feed them to.
+            model_config = _read_json(folder / "config.json")
+            with_token_types = int(model_config.get("type_vocab_size", 0) or 0) > 1
+        return cls(
+            backend,
+            max_length=max_length,
+            pad_id=int(pad_id) if pad_id is not None else 0,
+            with_token_type_ids=with_token_types,
+            pad_to_multiple_of=pad_to_multiple_of,
+        )
+
+    @classmethod
+    def _from_transformers(cls, path: str | Path, max_length: int, pad_to_multiple_of: int | None) -> TextEncoder:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from stream_app.inference._optional import require
+
+        transformers = require("transformers", f"loading a tokenizer without tokenizer.json ({path})")
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), use_fast=True)
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load a tokenizer from {path}: {exc}") from exc
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None:
             raise ModelError(f"{path} has no fast (Rust) tokenizer; batch encoding needs one")
         model_limit = getattr(tokenizer, "model_max_length", None)
-        # Some tokenizers report a huge sentinel when the limit is unknown; only a real limit caps ours.
         if isinstance(model_limit, int) and 0 < model_limit < 100_000:
             max_length = min(max_length, model_limit)
         pad_id = tokenizer.pad_token_id
@@ -217,3 +265,57 @@ class TextEncoder:
     def __call__(self, texts: Sequence[str]) -> EncodedBatch:
         """Encode and pad in one go (parity samples, warm-up, benchmarks)."""
         return self.pad(self.encode(texts))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file as a dict; ``{}`` when the file is absent.
+
+    Raises:
+        ModelError: the file exists but is not a JSON object.
+    """
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} is not a JSON object")
+    return data
+
+
+def _token_text(token: object) -> str | None:
+    """A special token as saved by transformers: a string or an ``AddedToken`` dict with ``content``."""
+    if isinstance(token, str):
+        return token
+    if isinstance(token, dict) and isinstance(token.get("content"), str):
+        return str(token["content"])
+    return None
+
+
+def _sync_bert_normalizer(backend: Any, config: dict[str, Any]) -> None:
+    """Apply ``do_lower_case``/``strip_accents``/``tokenize_chinese_chars`` over a BERT normalizer.
+
+    transformers' BERT-family fast tokenizers rebuild the normalizer when ``tokenizer_config.json``
+    disagrees with ``tokenizer.json``; doing the same keeps the ids identical to what the model was
+    trained with.
+    """
+    keys = ("do_lower_case", "strip_accents", "tokenize_chinese_chars")
+    if not any(key in config for key in keys):
+        return
+    from tokenizers import normalizers
+
+    normalizer = backend.normalizer
+    if normalizer is None:
+        return
+    state = json.loads(normalizer.__getstate__())
+    if not isinstance(state, dict) or state.get("type") != "BertNormalizer":
+        return
+    wanted = {
+        "lowercase": config.get("do_lower_case", state.get("lowercase", True)),
+        "strip_accents": config.get("strip_accents", state.get("strip_accents")),
+        "handle_chinese_chars": config.get("tokenize_chinese_chars", state.get("handle_chinese_chars", True)),
+    }
+    if all(state.get(key) == value for key, value in wanted.items()):
+        return
+    backend.normalizer = normalizers.BertNormalizer(clean_text=bool(state.get("clean_text", True)), **wanted)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import numpy as np
 
 from stream_app.errors import DeviceOutOfMemoryError, EngineError, ModelError
+from stream_app.inference._optional import require
 from stream_app.inference.base import (
     EngineInfo,
     FloatArray,
@@ -68,11 +69,13 @@ class TorchEngine:
 
         Raises:
             ModelError: the folder is not a usable checkpoint.
-            EngineError: the device is not available.
+            EngineError: the device is not available, or torch/transformers are not installed
+                (:class:`~stream_app.inference._optional.MissingExtraError`, naming the ``torch`` extra).
         """
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        import torch
-        from transformers import AutoModelForSequenceClassification
+        torch: Any = require("torch", "the PyTorch engine")
+        transformers: Any = require("transformers", "the PyTorch engine")
+        AutoModelForSequenceClassification = transformers.AutoModelForSequenceClassification
 
         self._torch = torch
         config = read_model_config(path)

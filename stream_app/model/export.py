@@ -1,13 +1,18 @@
-"""Export a classifier folder to ONNX (fp32) and a dynamically quantised INT8 copy, and measure parity.
+"""Export a classifier folder to ONNX (fp32) and an INT8 copy, and measure parity.
 
 Writes into ``<model_dir>/onnx/``:
 
 - ``model.onnx``: fp32, dynamic batch and sequence axes; inputs ``input_ids``, ``attention_mask`` (and
   ``token_type_ids`` when the model takes them), output ``logits``.
-- ``model.int8.onnx``: ``onnxruntime.quantization.quantize_dynamic`` with QInt8 weights, per-channel scales.
+- ``model.int8.<scheme>.onnx``: :func:`~stream_app.inference.onnx_export.quantize_int8` (8-bit weights in
+  blocks of 32, int8 activations quantised per row: batch-invariant). The scheme is in the name, so the
+  engines never take a file of another recipe (the old dynamic ``model.int8.onnx``) for it.
 - ``parity.json``: per variant, top-1 agreement with PyTorch and the largest absolute difference of the
-  softmax probabilities on the parity texts (dev when given), the accuracy of each, and file sizes. The
-  inference engine selector reads this file.
+  softmax probabilities on the parity texts (dev when given), the accuracy of each, how far a text's
+  scores move between scored alone and in a padded batch, and file sizes.
+- ``reference.json``: PyTorch fp32 probabilities of the packaged parity sample
+  (:func:`~stream_app.inference.parity.default_parity_texts`, 128 tokens): the worker's parity gate checks
+  its engine against them at start-up without importing PyTorch.
 
 The export and quantisation themselves are :mod:`stream_app.inference.onnx_export`'s (the engines build the
 same files on demand); this module adds the parity run and writes the three files together.
@@ -25,12 +30,15 @@ from typing import Any
 import numpy as np
 
 from stream_app.errors import ModelError
-from stream_app.inference.base import softmax
-from stream_app.inference.onnx_export import INT8_OPTIONS, atomic_target, export_fp32_detailed, quantize_int8
+from stream_app.inference._files import atomic_target
+from stream_app.inference.base import model_identity, softmax
+from stream_app.inference.onnx_engine import ONNX_FILES
+from stream_app.inference.onnx_export import INT8_OPTIONS, export_fp32_detailed, quantize_int8
+from stream_app.inference.parity import REFERENCE_FILE, ReferenceProbs, default_parity_texts, save_reference
 from stream_app.model.data import load_labels, load_split
 from stream_app.model.evaluate import label_mapping, load_classifier, predict_logits, torch_predictor
 
-__all__ = ["ExportReport", "VariantParity", "export_onnx", "onnx_paths"]
+__all__ = ["ExportReport", "VariantParity", "export_onnx", "onnx_paths", "reference_path"]
 
 PARITY_MAX_LENGTH = 128
 _FALLBACK_TEXTS = (
@@ -59,6 +67,7 @@ class VariantParity:
     top1_agreement: float
     max_abs_prob_diff: float
     accuracy: float | None
+    batch_invariance: float | None = None
 
 
 @dataclass(frozen=True)
@@ -106,9 +115,14 @@ class ExportReport:
 
 
 def onnx_paths(model_dir: Path) -> tuple[Path, Path, Path]:
-    """``(model.onnx, model.int8.onnx, parity.json)`` under ``model_dir/onnx``."""
+    """``(model.onnx, model.int8.<scheme>.onnx, parity.json)`` under ``model_dir/onnx``."""
     folder = Path(model_dir) / "onnx"
-    return folder / "model.onnx", folder / "model.int8.onnx", folder / "parity.json"
+    return folder / ONNX_FILES["fp32"], folder / ONNX_FILES["int8"], folder / "parity.json"
+
+
+def reference_path(model_dir: Path) -> Path:
+    """``model_dir/onnx/reference.json``: PyTorch probabilities of the packaged parity sample."""
+    return Path(model_dir) / "onnx" / REFERENCE_FILE
 
 
 def _weights_file(model_dir: Path) -> Path:
@@ -120,7 +134,8 @@ def _weights_file(model_dir: Path) -> Path:
 
 def _up_to_date(model_dir: Path) -> bool:
     weights_mtime = _weights_file(model_dir).stat().st_mtime
-    return all(p.is_file() and p.stat().st_mtime >= weights_mtime for p in onnx_paths(model_dir))
+    files = (*onnx_paths(model_dir), reference_path(model_dir))
+    return all(p.is_file() and p.stat().st_mtime >= weights_mtime for p in files)
 
 
 def _onnx_signature(path: Path) -> tuple[int, list[str]]:
@@ -159,9 +174,9 @@ def export_onnx(
     progress: bool = True,
     batch_size: int = 64,
 ) -> ExportReport:
-    """Export ``model_dir`` to ONNX fp32 and INT8 and write ``parity.json``.
+    """Export ``model_dir`` to ONNX fp32 and INT8 and write ``parity.json`` and ``reference.json``.
 
-    Skips the work (returning the stored report) when all three files exist and are newer than the
+    Skips the work (returning the stored report) when all four files exist and are newer than the
     weights, unless ``force``.
 
     Args:
@@ -224,6 +239,26 @@ def export_onnx(
         ref_logits = run(torch_predictor(model), "parity torch")
         ref_probs = softmax(ref_logits)
         ref_top = ref_logits.argmax(axis=1)
+        sample = default_parity_texts()
+        sample_probs = softmax(
+            predict_logits(
+                torch_predictor(model),
+                tokenizer,
+                sample,
+                batch_size=batch_size,
+                max_length=PARITY_MAX_LENGTH,
+                progress=False,
+                input_names=names,
+            )
+        )
+        reference = ReferenceProbs(
+            tuple(sample),
+            sample_probs,
+            tuple(model_labels),
+            PARITY_MAX_LENGTH,
+            model_identity(model_dir)[1],
+            f"torch-{torch.__version__.split('+')[0]} fp32 cpu",
+        )
         variants = []
         for name, tmp_path, final_path in (("fp32", tmp_fp32, fp32_path), ("int8", tmp_int8, int8_path)):
             logits = run(_ort_predictor(tmp_path, names), f"parity onnx {name}")
@@ -235,6 +270,7 @@ def export_onnx(
                     top1_agreement=float(np.mean(logits.argmax(axis=1) == ref_top)),
                     max_abs_prob_diff=float(np.abs(softmax(logits) - ref_probs).max()),
                     accuracy=accuracy(logits),
+                    batch_invariance=_batch_invariance(model_dir, name, tmp_path, sample),
                 )
             )
         report = ExportReport(
@@ -259,6 +295,21 @@ def export_onnx(
             "int8_options": dict(INT8_OPTIONS),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+    save_reference(reference_path(model_dir), reference)
     with atomic_target(parity_path) as tmp_parity:  # last, so a parity.json means both models are in place
         tmp_parity.write_text(json.dumps(document, indent=2) + "\n")
     return report
+
+
+def _batch_invariance(model_dir: Path, precision: str, path: Path, texts: Sequence[str]) -> float:
+    """Largest probability change of a parity text between scored alone and in a padded batch."""
+    from stream_app.inference.onnx_engine import OnnxEngine
+    from stream_app.inference.parity import batch_invariance
+    from stream_app.inference.tokenize import TextEncoder
+
+    engine = OnnxEngine(model_dir, "int8" if precision == "int8" else "fp32", "cpu", 1, model_file=path)
+    try:
+        encoder = TextEncoder.from_pretrained(model_dir, PARITY_MAX_LENGTH)
+        return batch_invariance(engine, encoder, texts).max_prob_diff
+    finally:
+        engine.close()

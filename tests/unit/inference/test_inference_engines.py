@@ -12,7 +12,13 @@ import pytest
 from stream_app.errors import DeviceOutOfMemoryError, EngineError, ModelError
 from stream_app.inference.base import model_identity
 from stream_app.inference.onnx_engine import OnnxEngine, onnx_model_file
-from stream_app.inference.onnx_export import convert_fp16, export_fp32, quantize_int8
+from stream_app.inference.onnx_export import (
+    INT8_SCHEME,
+    convert_fp16,
+    export_fp32,
+    quantize_int8,
+    quantize_int8_dynamic,
+)
 from stream_app.inference.tokenize import EncodedBatch, TextEncoder
 from stream_app.inference.torch_engine import TorchEngine
 
@@ -89,13 +95,44 @@ def test_onnx_int8_is_close_to_torch(
     tiny_model: Path, onnx_cache: Path, torch_engine: TorchEngine, batch: EncodedBatch
 ) -> None:
     engine = OnnxEngine(tiny_model, "int8", "cpu", num_threads=1, cache_dir=onnx_cache)
-    assert engine.model_file.name == "model.int8.onnx"
+    assert engine.model_file.name == f"model.int8.{INT8_SCHEME}.onnx"
     expected = torch_engine.predict(batch)
     got = engine.predict(batch)
     np.testing.assert_allclose(got.sum(axis=1), 1.0, rtol=1e-5)
     # A 32-wide random model is the worst case for 8-bit weights; a real one is far closer.
     assert np.abs(got - expected).max() < 0.2
     assert (got.argmax(axis=1) == expected.argmax(axis=1)).mean() >= 0.75
+
+
+def test_int8_graph_is_the_row_wise_scheme(tiny_model: Path, onnx_cache: Path) -> None:
+    import onnx
+
+    graph = onnx.load(str(onnx_model_file(tiny_model, "int8", onnx_cache))).graph
+    ops = [node.op_type for node in graph.node]
+    weights = {t.name: t for t in graph.initializer}
+    assert "MatMulInteger" in ops
+    assert not [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights], "every weight is int8"
+    assert not set(ops) & {"DynamicQuantizeLinear", "DynamicQuantizeMatMul"}, "no scale shared by the batch"
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear":
+            axis = [onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"]
+            assert axis == [0], "one scale per row"
+    int8 = [n for n in graph.node if n.op_type == "MatMulInteger"]
+    assert all(weights[n.input[1]].data_type == onnx.TensorProto.INT8 for n in int8)
+    # query, key and value read the same tensor and share its quantisation: fewer quantisations than MatMuls
+    assert ops.count("QuantizeLinear") < len(int8)
+
+
+def test_an_old_int8_file_is_never_used_for_the_new_scheme(tiny_model: Path, tmp_path: Path) -> None:
+    """A cache or model folder holding the old dynamic ``model.int8.onnx`` gets a new file built beside it."""
+    cache, folder = tmp_path / "cache", shutil.copytree(tiny_model, tmp_path / "model")
+    fp32 = onnx_model_file(folder, "fp32", cache)
+    version = model_identity(folder)[1]
+    for old in (cache / "onnx" / version / "model.int8.onnx", folder / "onnx" / "model.int8.onnx"):
+        old.parent.mkdir(parents=True, exist_ok=True)
+        quantize_int8_dynamic(fp32, old)
+    engine = OnnxEngine(folder, "int8", num_threads=1, cache_dir=cache)
+    assert engine.model_file == cache / "onnx" / version / f"model.int8.{INT8_SCHEME}.onnx"
 
 
 def test_onnx_without_token_type_ids_in_batch(onnx_fp32: OnnxEngine, batch: EncodedBatch) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from stream_app.inference.tokenize import Encoded, TextEncoder, pad
 pytestmark = pytest.mark.unit
 
 CLS, SEP = 101, 102
+_REPO = Path(__file__).resolve().parents[3]
 
 
 def test_encode_adds_special_tokens_and_counts(encoder: TextEncoder) -> None:
@@ -84,6 +88,57 @@ def test_encode_from_worker_threads_matches(encoder: TextEncoder) -> None:
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(encoder.encode, [texts] * 4))
     assert all(result == expected for result in results)
+
+
+_VARIED = (
+    "Hello World!",
+    "Ça c'est génial, naïve café",
+    "东京 is 很好 and Ελληνικά too",
+    "emoji 😀🔥 and tabs\tand\nnewlines",
+    "   ",
+    "[CLS] literal special tokens [SEP] [PAD]",
+    "word " * 200,
+)
+
+
+def test_tokenizer_json_alone_matches_transformers(tiny_model: Path) -> None:
+    """The tokenizers-only load (what an ONNX worker uses) gives transformers' ids, limits and inputs."""
+    fast = TextEncoder._from_tokenizer_json(tiny_model, 64, None)
+    reference = TextEncoder._from_transformers(tiny_model, 64, None)
+    assert fast.encode(_VARIED) == reference.encode(_VARIED)
+    assert (fast.max_length, fast.pad_id, fast.with_token_type_ids) == (
+        reference.max_length,
+        reference.pad_id,
+        reference.with_token_type_ids,
+    )
+
+
+def test_tokenizer_config_overrides_the_normalizer_as_transformers_does(tiny_model: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "cased"
+    folder.mkdir()
+    for name in ("tokenizer.json", "special_tokens_map.json", "config.json", "vocab.txt"):
+        (folder / name).write_bytes((tiny_model / name).read_bytes())
+    config = json.loads((tiny_model / "tokenizer_config.json").read_text())
+    config.update({"do_lower_case": False, "strip_accents": False, "model_max_length": 40})
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    fast = TextEncoder._from_tokenizer_json(folder, 64, None)
+    reference = TextEncoder._from_transformers(folder, 64, None)
+    assert fast.encode(_VARIED) == reference.encode(_VARIED)
+    assert fast.max_length == reference.max_length == 40
+    assert fast.encode(["Hello"]) != TextEncoder.from_pretrained(tiny_model, 64).encode(["Hello"]), "case kept"
+
+
+def test_loading_from_tokenizer_json_does_not_import_transformers(tiny_model: Path) -> None:
+    code = (
+        "import sys\n"
+        "from stream_app.inference.tokenize import TextEncoder\n"
+        f"TextEncoder.from_pretrained({str(tiny_model)!r}, 32).encode(['hi'])\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120, cwd=_REPO
+    )
+    assert out.stdout.strip() == "[]"
 
 
 def test_missing_tokenizer_is_a_model_error(tmp_path: Path) -> None:
