@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stream_app.devtools.kafka_local import local_kafka
 from stream_app.devtools.processes import exit_on_sigterm
-from stream_app.perf_commands import (
+from stream_app.perf.commands import (
     RunningTarget,
     plot_sweep,
     print_table,
@@ -53,8 +53,8 @@ from stream_app.perf_commands import (
     sweep,
     warm_up,
 )
-from stream_app.profiler import profile_replay, write_profile
-from stream_app.replay import ReplayReport, build_corpus, load_texts, write_report
+from stream_app.perf.profile import profile_replay, write_profile
+from stream_app.perf.replay import ReplayReport, build_corpus, load_texts, write_report
 from stream_app.settings import Settings, load_settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -288,7 +288,7 @@ def _sampler_overhead_in_process(settings: Settings, seconds: float) -> dict[str
     from stream_app.inference.tokenize import TextEncoder
     from stream_app.inference.torch_engine import TorchEngine
     from stream_app.metrics import Metrics
-    from stream_app.profiler import ResourceSampler
+    from stream_app.sampler import ResourceSampler
     from stream_app.service import resolve_model_path
 
     probe = ResourceSampler(Metrics(), 1.0)

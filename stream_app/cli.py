@@ -271,11 +271,17 @@ async def _demo_loop(
 
 
 def _register_commands() -> None:
-    from stream_app.model.commands import model
-    from stream_app.perf_commands import baseline, profile, replay, sweep_command
+    import importlib.util
 
-    for command in (model, replay, baseline, profile, sweep_command):
-        main.add_command(command)
+    from stream_app.model.commands import model
+
+    main.add_command(model)
+    # the load-generation and profiling verbs come with the ``perf`` extra (matplotlib draws their plots)
+    if importlib.util.find_spec("matplotlib") is not None:
+        from stream_app.perf.commands import baseline, profile, replay, sweep_command
+
+        for command in (replay, baseline, profile, sweep_command):
+            main.add_command(command)
 
 
 _register_commands()

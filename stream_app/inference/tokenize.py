@@ -186,7 +186,7 @@ class TextEncoder:
 
     @classmethod
     def _from_tokenizer_json(cls, folder: Path, max_length: int, pad_to_multiple_of: int | None) -> TextEncoder:
-        from tokenizers import Tokenizer  # type: ignore[import-untyped]
+        from tokenizers import Tokenizer
 
         try:
             backend = Tokenizer.from_file(str(folder / "tokenizer.json"))

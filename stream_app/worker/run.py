@@ -11,7 +11,7 @@ import time
 
 from stream_app.errors import EmotionStreamError
 from stream_app.metrics import Metrics
-from stream_app.profiler import ResourceSampler
+from stream_app.sampler import ResourceSampler
 from stream_app.service import build_runtime
 from stream_app.settings import Settings
 from stream_app.worker.app import CONVERSATION_TABLE, Worker, changelog_topic

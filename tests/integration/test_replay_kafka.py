@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from stream_app.devtools.kafka_local import free_port
-from stream_app.profiler import SHARE_STAGES, build_profile
-from stream_app.replay import build_corpus, load_texts, run_replay, write_report
+from stream_app.perf.profile import SHARE_STAGES, build_profile
+from stream_app.perf.replay import build_corpus, load_texts, run_replay, write_report
 from tests.integration.conftest import make_topics
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -71,7 +71,7 @@ def test_baseline_accounts_for_every_message(kafka: Any, model_path: str, data_d
     }
     log = (tmp_path / "baseline.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stream_app.perf_commands", "baseline"], env=env, stdout=log, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "stream_app.perf.commands", "baseline"], env=env, stdout=log, stderr=subprocess.STDOUT
     )
     try:
         corpus = build_corpus(load_texts("dev", data_dir), 60, repeat_share=0.3, malformed_share=0.1,

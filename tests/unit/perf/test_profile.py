@@ -13,15 +13,15 @@ from typing import Any
 import pytest
 
 from stream_app.metrics import Metrics
-from stream_app.profiler import (
+from stream_app.perf.profile import (
     BUSY_SATURATED,
-    ResourceSampler,
     build_profile,
     render_json,
     render_markdown,
     render_png,
     write_profile,
 )
+from stream_app.sampler import ResourceSampler
 
 pytestmark = pytest.mark.unit
 

@@ -12,8 +12,7 @@ import pytest
 
 from stream_app.cache.keys import normalise
 from stream_app.errors import DataError, InputError
-from stream_app.records import decode_chat_message, event_id_for
-from stream_app.replay import (
+from stream_app.perf.replay import (
     MALFORMED_KINDS,
     Corpus,
     ReplayAccounting,
@@ -24,6 +23,7 @@ from stream_app.replay import (
     write_report,
     zipf_weights,
 )
+from stream_app.records import decode_chat_message, event_id_for
 
 pytestmark = pytest.mark.unit
 

@@ -1,6 +1,6 @@
 """``emotion-stream replay | baseline | profile | sweep``: measure the worker, and what it is measured against.
 
-The project CLI attaches these with ``main.add_command(...)``; ``python -m stream_app.perf_commands
+The project CLI attaches these with ``main.add_command(...)``; ``python -m stream_app.perf.commands
 <verb>`` runs them alone (the replay benchmark starts the baseline that way). The helpers here
 (:func:`running_target`, :func:`warm_up`, :func:`replay_target`, :func:`sweep`) start a worker or the
 baseline against a cluster (a local Apache Kafka when none is given, via ``local_stack``) and are
@@ -205,7 +205,7 @@ def running_target(
 def warm_up(target: RunningTarget, n: int = 40, timeout_s: float = 300.0) -> Any:
     """Send ``n`` throw-away messages and wait for them, so start-up (group join, first batches) is not
     measured. Their texts are synthetic, so they do not pre-fill the cache for the corpus."""
-    from stream_app.replay import build_corpus, run_replay
+    from stream_app.perf.replay import build_corpus, run_replay
 
     texts = [f"warm-up message {i}: the worker is starting, nothing to feel about it" for i in range(n)]
     corpus = build_corpus(texts, n, conversations=max(1, n // 2), seed=0, id_prefix=f"warm{uuid.uuid4().hex[:6]}")
@@ -231,9 +231,9 @@ def replay_target(
     linger_s: float = 2.0,
     run_info: Mapping[str, Any] | None = None,
 ) -> Any:
-    """:func:`~stream_app.replay.run_replay` against a running target, watching its group, its resources
+    """:func:`~stream_app.perf.replay.run_replay` against a running target, watching its group, its resources
     and its process (a dead child ends the run early)."""
-    from stream_app.replay import run_replay
+    from stream_app.perf.replay import run_replay
 
     info = {
         "target": target.kind,
@@ -272,7 +272,7 @@ def sweep(
 ) -> dict[str, Any]:
     """Latency versus offered load: an unpaced burst finds the saturation throughput, then each fraction of
     it is offered for ``step_seconds``. Returns ``{"saturation": .., "rows": [...], "reports": [...]}``."""
-    from stream_app.replay import build_corpus
+    from stream_app.perf.replay import build_corpus
 
     rng_seed = seed
     burst = build_corpus(texts, saturation_messages, conversations=200, seed=rng_seed)
@@ -383,7 +383,7 @@ def replay(
     no_progress: bool,
 ) -> None:
     """Replay a chat corpus through the worker and account for every message (JSON + PNG report)."""
-    from stream_app.replay import build_corpus, load_texts, run_replay, write_report
+    from stream_app.perf.replay import build_corpus, load_texts, run_replay, write_report
 
     settings = _settings_with_bootstrap(bootstrap)
     if repeat + malformed > 1:
@@ -432,9 +432,9 @@ def baseline(max_messages: int | None) -> None:
     """Run the naive baseline (one pipeline() call per message) against the configured cluster."""
     import logging
 
-    from stream_app.baseline import BaselineConfig, NaiveClassifier, run_baseline
     from stream_app.metrics import Metrics, serve_metrics
-    from stream_app.profiler import ResourceSampler
+    from stream_app.perf.baseline import BaselineConfig, NaiveClassifier, run_baseline
+    from stream_app.sampler import ResourceSampler
 
     settings = load_settings()
     logging.basicConfig(
@@ -484,8 +484,8 @@ def _profile_prefix(source: Path) -> Path:
 @click.option("--out", default=None, help="Output prefix (default: replay-X -> profile-X beside it).")
 def profile(source: str, out: str | None) -> None:
     """Turn a recorded replay into a bottleneck report (Markdown + JSON + PNG) and print the bottleneck."""
-    from stream_app.profiler import profile_replay, write_profile
-    from stream_app.replay import read_report
+    from stream_app.perf.profile import profile_replay, write_profile
+    from stream_app.perf.replay import read_report
 
     try:
         report = read_report(source)
@@ -522,7 +522,7 @@ def sweep_command(
     """Latency versus offered load on a fresh worker (caches off by default: the inference path)."""
     import json
 
-    from stream_app.replay import load_texts
+    from stream_app.perf.replay import load_texts
 
     settings = _settings_with_bootstrap(bootstrap)
     _ensure_model(settings)

@@ -13,15 +13,15 @@ import numpy.typing as npt
 import orjson
 import pytest
 
-from stream_app.baseline import BaselineConfig, RawRecord, handle_record
 from stream_app.devtools.clients import chat_message
 from stream_app.errors import EngineError
+from stream_app.perf.baseline import BaselineConfig, RawRecord, handle_record
 from stream_app.records import DeadLetter, EmotionEvent, ModelInfo, event_id_for
 from stream_app.settings import load_settings
 
 pytestmark = pytest.mark.unit
 
-SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
+SCHEMAS = Path(__file__).resolve().parents[3] / "schemas"
 LABELS = ("anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise")
 
 
