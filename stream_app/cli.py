@@ -55,14 +55,26 @@ def main() -> None:
 
 
 @main.command()
-def worker() -> None:
-    """Run one worker against the cluster in EMOTION_STREAM_KAFKA__BOOTSTRAP_SERVERS."""
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes on this host, each a group member with its own HTTP port (metrics port + i) and "
+    "state folder; for a many-core GPU host (see the README's Performance section).",
+)
+def worker(processes: int) -> None:
+    """Run a worker against the cluster in EMOTION_STREAM_KAFKA__BOOTSTRAP_SERVERS."""
     settings = _load_settings()
     from stream_app.worker.logs import setup_logging
 
     setup_logging(settings.worker.log_level)
     if not settings.kafka.bootstrap_servers:
         raise click.UsageError("set EMOTION_STREAM_KAFKA__BOOTSTRAP_SERVERS (or use `emotion-stream demo`)")
+    if processes > 1:
+        from stream_app.worker.processes import supervise
+
+        sys.exit(supervise(settings, processes))
     # The tokenizer and the engine run in threads that need the GIL back the moment their C++ work ends;
     # the default 5 ms switch interval let the event loop hold it that long after every batch.
     sys.setswitchinterval(settings.worker.gil_switch_interval_ms / 1000.0)
