@@ -514,6 +514,14 @@ class WorkerSettings(_Group):
         "e.g. http://10.0.3.7:9108; a request for a conversation held elsewhere is forwarded there. Empty = "
         "http://<hostname>:<metrics port>; on Kubernetes set it from the pod IP.",
     )
+    delivery: Literal["at_least_once", "exactly_once"] = Field(
+        "at_least_once",
+        description="at_least_once: outputs are produced, then offsets committed; after a crash some "
+        "outputs are produced again (same event_id). exactly_once: each partition's outputs, state "
+        "changelog writes and consumed offsets are committed in one Kafka transaction (a transactional "
+        "producer per input partition, zombies fenced), so read_committed consumers see every outcome "
+        "once; costs a transaction per partition and flush (see docs/exactly-once.md).",
+    )
     shutdown_timeout_s: float = Field(
         15.0,
         gt=0,

@@ -145,7 +145,7 @@ class ConversationStage:
                 del self._pending[key]
 
     # ------------------------------------------------------------------ the release stage
-    def on_release(self, slots: Sequence[Slot]) -> StageOutput:
+    def on_release(self, slots: Sequence[Slot], partition: int | None = None) -> StageOutput:
         out = StageOutput()
         touched: dict[tuple[int, bytes], ConversationState] = {}
         now = self.wall_clock()
@@ -191,8 +191,14 @@ class ConversationStage:
             self._pending[(partition, key)] = (state, raw)
             out.after.append((changelog, OutRecord(key, raw, [], partition)))
         if self._tombstones:
-            out.after.extend(self._tombstones)
-            self._tombstones = []
+            if partition is None:
+                out.after.extend(self._tombstones)
+                self._tombstones = []
+            else:  # one partition's transaction: only its own tombstones
+                mine = [t for t in self._tombstones if t[1].partition == partition]
+                if mine:
+                    out.after.extend(mine)
+                    self._tombstones = [t for t in self._tombstones if t[1].partition != partition]
         return out
 
     def on_after_acked(self, topic: str, partition: int, records: Sequence[OutRecord], last_offset: int) -> None:

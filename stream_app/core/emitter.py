@@ -81,6 +81,30 @@ class Sink(Protocol):
         ...
 
 
+class TransactionalSink(Protocol):
+    """Exactly-once output: one producer per input partition, whose transactions carry that partition's
+    outputs and its consumed offsets (the worker's Kafka implementation fences a zombie owner through the
+    partition's stable transactional id)."""
+
+    async def begin(self, partition: int) -> None: ...
+
+    async def send(
+        self, partition: int, topic: str, records: Sequence[OutRecord]
+    ) -> list[tuple[list[int], asyncio.Future[int | None]]]:
+        """Like :meth:`Sink.send`, inside ``partition``'s open transaction."""
+        ...
+
+    async def commit(self, partition: int, offset: int | None) -> None:
+        """Add the input offset (next to read; None: no input consumed) to the transaction and commit it.
+
+        Raises:
+            Exception: the transaction could not be committed (fenced, timed out, broker gone).
+        """
+        ...
+
+    async def abort(self, partition: int) -> None: ...
+
+
 @dataclass(slots=True)
 class StageOutput:
     """What a release stage adds to a flush: ``now`` with the slots' outputs, ``after`` once they are acked."""
@@ -94,8 +118,12 @@ class ReleaseStage(Protocol):
 
     name: str
 
-    def on_release(self, slots: Sequence[Slot]) -> StageOutput:
-        """Called with every flush's released slots (possibly none: a chance to send pending records)."""
+    def on_release(self, slots: Sequence[Slot], partition: int | None = None) -> StageOutput:
+        """Called with every flush's released slots (possibly none: a chance to send pending records).
+
+        ``partition``: with exactly-once output the emitter releases one input partition at a time, and
+        the stage returns only records of that partition's transaction (None: all partitions at once).
+        """
         ...
 
     def on_after_acked(self, topic: str, partition: int, records: Sequence[OutRecord], last_offset: int) -> None:
@@ -177,6 +205,9 @@ class Emitter:
         self.wall_clock = wall_clock
         self.lanes: dict[int, Lane] = {}
         self.stages: list[ReleaseStage] = []
+        #: exactly-once output when set: each lane's released slots in a transaction of their own
+        self.transactions: TransactionalSink | None = None
+        self._busy: set[Lane] = set()
         self._groups: list[AckGroup] = []
         self._flush_wanted = asyncio.Event()
         self._afters_wanted = asyncio.Event()
@@ -393,6 +424,9 @@ class Emitter:
         own: ``now`` ones go with the slots' outputs, ``after`` ones once all of those are acknowledged
         (the group completes, and its offsets become committable, only when both phases are).
         """
+        if self.transactions is not None:
+            self._flush_transactional(self.transactions)
+            return
         released: list[Slot] = []
         lanes: dict[Lane, tuple[int, int]] = {}
         for lane in self.lanes.values():
@@ -541,6 +575,121 @@ class Emitter:
     async def _send_one(self, topic: str, record: OutRecord) -> None:
         for _, fut in await self.sink.send(topic, [record]):
             await fut
+
+    # ------------------------------------------------------------------ exactly-once
+    def _flush_transactional(self, txn: TransactionalSink) -> None:
+        """Start a transaction for every idle lane with released slots or stage records (one at a time per
+        lane; lanes in parallel). Stage metrics ride in the first of them."""
+        outbox, self._metrics_outbox = self._metrics_outbox, []
+        for lane in list(self.lanes.values()):
+            if lane in self._busy or lane.dead:
+                continue
+            window = lane.window
+            start = i = lane.released
+            n = len(window)
+            while i < n and window[i].done:
+                i += 1
+            slots = list(islice(window, start, i))
+            lane.released = i
+            extra: list[tuple[str, OutRecord]] = []
+            for stage in self.stages:
+                try:
+                    out = stage.on_release(slots, lane.partition)
+                except Exception as exc:  # noqa: BLE001 -- a stage's bug must not stop the events it follows
+                    self.metrics.errors_total.labels(stage.name).inc()
+                    _log.exception("stage %s failed on partition %d: %r", stage.name, lane.partition, exc)
+                    continue
+                extra.extend(out.now)
+                extra.extend(out.after)
+            if outbox:
+                extra.extend((self.config.metrics_topic, r) for r in outbox)
+                outbox = []
+            if not slots and not extra:
+                continue
+            self._busy.add(lane)
+            task = asyncio.get_running_loop().create_task(
+                self._transact(txn, lane, slots, extra), name=f"emitter-txn-{lane.partition}"
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._on_task_done)
+        self._metrics_outbox = outbox + self._metrics_outbox
+
+    async def _transact(
+        self, txn: TransactionalSink, lane: Lane, slots: list[Slot], extra: list[tuple[str, OutRecord]]
+    ) -> None:
+        partition = lane.partition
+        sent = self.clock()
+        try:
+            records: list[tuple[str, OutRecord, Slot | None]] = [(s.out_topic, s.out, s) for s in slots if s.out]
+            records += [(topic, record, None) for topic, record in extra]
+            try:
+                acked = await self._send_in_transaction(txn, partition, records)
+            except OutputRejectedError as exc:
+                _log.warning("the broker refused a record in partition %d's transaction (%r); retrying its "
+                             "records one transaction each", partition, exc)  # fmt: skip
+                await txn.abort(partition)
+                acked = await self._isolate_in_transactions(txn, partition, records)
+                last = slots[-1].offset + 1 if slots else None
+                await txn.begin(partition)
+                await txn.commit(partition, last)
+            else:
+                await txn.commit(partition, slots[-1].offset + 1 if slots else None)
+        except Exception as exc:
+            raise InfrastructureError(f"transaction of partition {partition} failed: {exc!r}") from exc
+        finally:
+            self._busy.discard(lane)
+            self._flush_wanted.set()
+        for topic, out_partition, batch, last_offset in acked:
+            for stage in self.stages:
+                stage.on_after_acked(topic, out_partition, batch, last_offset)
+        if slots:
+            group = AckGroup(lanes={lane: (len(slots), slots[-1].offset)}, slots=slots, sent_mono=sent)
+            self._apply(group)
+            if not lane.dead:
+                lane.committed_offset = lane.acked_offset  # the transaction committed the offset
+
+    async def _send_in_transaction(
+        self, txn: TransactionalSink, partition: int, records: list[tuple[str, OutRecord, Slot | None]]
+    ) -> list[tuple[str, int, list[OutRecord], int]]:
+        """Send ``records`` in a new transaction of ``partition``; returns the acknowledged explicit-partition
+        batches (topic, partition, records, last offset) for the stages. Raises OutputRejectedError first."""
+        await txn.begin(partition)
+        by_topic: dict[str, list[OutRecord]] = {}
+        for topic, record, _ in records:
+            by_topic.setdefault(topic, []).append(record)
+        waits: list[tuple[str, list[OutRecord], asyncio.Future[int | None]]] = []
+        for topic, recs in by_topic.items():
+            for indexes, fut in await txn.send(partition, topic, recs):
+                waits.append((topic, [recs[i] for i in indexes], fut))
+        results = await asyncio.gather(*(fut for _, _, fut in waits), return_exceptions=True)
+        acked: list[tuple[str, int, list[OutRecord], int]] = []
+        for (topic, recs, _), result in zip(waits, results, strict=True):
+            if isinstance(result, BaseException):
+                raise result
+            if result is not None and recs[0].partition is not None:
+                acked.append((topic, recs[0].partition, recs, result + len(recs) - 1))
+        return acked
+
+    async def _isolate_in_transactions(
+        self, txn: TransactionalSink, partition: int, records: list[tuple[str, OutRecord, Slot | None]]
+    ) -> list[tuple[str, int, list[OutRecord], int]]:
+        """One transaction per record; a record the broker refuses becomes a reduced dead letter."""
+        acked: list[tuple[str, int, list[OutRecord], int]] = []
+        for topic, record, slot in records:
+            try:
+                acked += await self._send_in_transaction(txn, partition, [(topic, record, slot)])
+                await txn.commit(partition, None)
+            except OutputRejectedError as alone:
+                await txn.abort(partition)
+                if slot is None or topic == self.config.dead_letters_topic:
+                    self.metrics.errors_total.labels("produce").inc()
+                    _log.error("the broker refused a %s record: %r", topic, alone)
+                    continue
+                slot.dead = DeadInfo("output_failed", "output", alone)
+                reduced = self._dead_letter(slot, self.wall_clock(), reduced=True)
+                await self._send_in_transaction(txn, partition, [(self.config.dead_letters_topic, reduced, slot)])
+                await txn.commit(partition, None)
+        return acked
 
     def _group_done(self, group: AckGroup) -> None:
         group.done = True

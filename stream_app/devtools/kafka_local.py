@@ -306,18 +306,20 @@ class LocalKafka:
         return [java, *opts, "-cp", f"{self.libs}/*", *args]
 
     def start(self, timeout_s: float = 90.0) -> LocalKafka:
+        """Start the broker; its storage is formatted on the first start only (a restart keeps the data)."""
         cfg = self.write_config()
-        scram = self.security.format_args() if self.security is not None else []
-        fmt = subprocess.run(
-            self._java(
-                "kafka.tools.StorageTool", "format", "--standalone", "-t", str(uuid.uuid4()), "-c", str(cfg), *scram
-            ),
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if fmt.returncode != 0:
-            raise InfrastructureError(f"kafka storage format failed: {fmt.stderr[-2000:]}")
+        if not (self.run_dir / "data" / "meta.properties").exists():
+            scram = self.security.format_args() if self.security is not None else []
+            fmt = subprocess.run(
+                self._java(
+                    "kafka.tools.StorageTool", "format", "--standalone", "-t", str(uuid.uuid4()), "-c", str(cfg), *scram
+                ),
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if fmt.returncode != 0:
+                raise InfrastructureError(f"kafka storage format failed: {fmt.stderr[-2000:]}")
         out = (self.run_dir / "stdout.log").open("wb")
         # start_new_session: Ctrl-C in a terminal reaches us, and we stop the broker in order
         self.process = subprocess.Popen(

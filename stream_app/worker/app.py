@@ -23,7 +23,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +53,7 @@ from stream_app.worker import faust_glue
 from stream_app.worker.credentials import faust_credentials
 from stream_app.worker.faust_glue import EmotionApp, FaustTableStore, Watchdog
 from stream_app.worker.health import Health
-from stream_app.worker.sink import KafkaSink
+from stream_app.worker.sink import KafkaSink, TransactionalKafkaSink
 
 __all__ = ["CACHE_TABLE", "CONVERSATION_TABLE", "Worker", "changelog_topic", "faust_broker_urls"]
 
@@ -120,9 +120,13 @@ class Worker:
         self.pipeline: Pipeline | None = None
         self.producer: AIOKafkaProducer | None = None
         self.l2: FaustTableStore | None = None
+        self.transactions: TransactionalKafkaSink | None = None
+        if settings.worker.delivery == "exactly_once":
+            self.transactions = TransactionalKafkaSink(self._make_producer, self.topic, settings.worker.app_id)
         self.conversation_store: FaustTableStore | None = None
         self.conversations: ConversationStage | None = None
         self._ready = asyncio.Event()
+        self._recovery_quiet: dict[Any, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._parts = _Partitions()
         self._generation = -1
@@ -202,30 +206,24 @@ class Worker:
         app.on_partitions_assigned.connect(self._on_assigned)
         app.on_partitions_revoked.connect(self._on_revoked)
         app.on_before_shutdown.connect(self._on_shutdown)
-        app.task(self._startup)
-        app.timer(interval=s.kafka.commit_interval_s)(self._commit_tick)
-        app.timer(interval=1.0)(self._observe_tick)
-        app.timer(interval=5.0)(self._broker_tick)
-        app.timer(interval=s.cache.sweep_interval_s)(self._sweep_tick)
+        # started with the app, not after the first table recovery (see EmotionApp)
+        app.early_tasks = [
+            self._startup,
+            _every(s.kafka.commit_interval_s, self._commit_tick),
+            _every(1.0, self._observe_tick),
+            _every(5.0, self._broker_tick),
+            _every(s.cache.sweep_interval_s, self._sweep_tick),
+        ]
         if s.conversations.enabled:
-            app.timer(interval=s.conversations.sweep_interval_s)(self._conversation_sweep_tick)
+            app.early_tasks.append(_every(s.conversations.sweep_interval_s, self._conversation_sweep_tick))
+        if self.transactions is not None:
+            app.early_tasks.append(_every(1.0, self._recovery_tick))
         return app
 
     # ------------------------------------------------------------------ start-up
     async def _startup(self) -> None:
         self._loop = asyncio.get_running_loop()
-        s = self.settings
-        kafka = s.kafka
-        self.producer = AIOKafkaProducer(
-            **aiokafka_client_kwargs(kafka, client_id=f"{kafka.client_id}-out"),
-            acks="all" if kafka.producer_acks == "all" else 1,
-            linger_ms=kafka.producer_linger_ms,
-            max_batch_size=min(512 * 1024, kafka.max_request_size_bytes),
-            max_request_size=kafka.max_request_size_bytes,
-            compression_type=None if kafka.compression_type == "none" else kafka.compression_type,
-            enable_idempotence=kafka.producer_acks == "all",
-            request_timeout_ms=int(max(30.0, kafka.session_timeout_s) * 1000),
-        )
+        self.producer = self._make_producer(None)
         await self.producer.start()
         runtime = await asyncio.wrap_future(self.runtime_future)
         self.pipeline = self._build_pipeline(runtime)
@@ -234,6 +232,25 @@ class Worker:
         gc.freeze()  # the model, modules and Faust's objects: never scanned again by the collector
         self._ready.set()
         _log.info("pipeline ready %.2f s after launch", time.monotonic() - self.started_at)
+
+    def _make_producer(self, transactional_id: str | None) -> AIOKafkaProducer:
+        kafka = self.settings.kafka
+        client_id = f"{kafka.client_id}-out" if transactional_id is None else f"{kafka.client_id}-{transactional_id}"
+        extra: dict[str, Any] = {}
+        if transactional_id is not None:
+            # a zombie's open transaction is aborted by the coordinator after this long at the latest
+            extra = {"transactional_id": transactional_id, "transaction_timeout_ms": 60_000}
+        return AIOKafkaProducer(
+            **aiokafka_client_kwargs(kafka, client_id=client_id),
+            acks="all" if kafka.producer_acks == "all" or transactional_id is not None else 1,
+            linger_ms=kafka.producer_linger_ms,
+            max_batch_size=min(512 * 1024, kafka.max_request_size_bytes),
+            max_request_size=kafka.max_request_size_bytes,
+            compression_type=None if kafka.compression_type == "none" else kafka.compression_type,
+            enable_idempotence=kafka.producer_acks == "all" or transactional_id is not None,
+            request_timeout_ms=int(max(30.0, kafka.session_timeout_s) * 1000),
+            **extra,
+        )
 
     def _build_pipeline(self, rt: Runtime) -> Pipeline:
         s = self.settings
@@ -309,6 +326,7 @@ class Worker:
         if self.conversation_store is not None:
             self.conversations = self._conversation_stage(tuple(rt.engine.labels))
             pipeline.emitter.stages.append(self.conversations)
+        pipeline.emitter.transactions = self.transactions
         return pipeline
 
     def _conversation_stage(self, labels: tuple[str, ...]) -> ConversationStage:
@@ -372,7 +390,11 @@ class Worker:
         """First chunk of a partition in this assignment: tell the pipeline its committed offset, and warn
         when the committed offset was out of range (below the log start: deleted before processing)."""
         assert self.pipeline is not None
+        if self.transactions is not None:  # normally done at assignment already
+            await asyncio.gather(*(self.transactions.ensure(p) for p in fresh))
         committed = {p: faust_glue.committed_offset(self.app, topic, p) for p in fresh}
+        for p in fresh:
+            _log.info("partition %d: committed offset %s, first record %d", p, committed[p], parts[p][0].offset)
         self.pipeline.assigned(committed)
         self._parts.initialised.update(fresh)
         ahead = [p for p in fresh if committed[p] is not None and parts[p][0].offset > committed[p]]  # type: ignore[operator]
@@ -406,6 +428,14 @@ class Worker:
         assigned = args[0] if args else kwargs.get("assigned", ())
         mine = {tp.partition for tp in assigned if tp.topic == self.topic}
         self._parts.assigned = mine
+        if self.transactions is not None and mine:
+            # Fence the previous owners now: starting a partition's transactional producer aborts whatever
+            # transaction a dead or paused owner left open, and until then read_committed readers, table
+            # recovery of our own changelogs among them, cannot read past it.
+            try:
+                await asyncio.gather(*(self.transactions.ensure(p) for p in mine))
+            except Exception as exc:  # noqa: BLE001 -- without its producer a partition cannot be served
+                self.fatal(InfrastructureError(f"cannot start the transactional producers: {exc!r}"))
         self._parts.initialised -= mine  # their lanes start afresh (committed offset read on first chunk)
         self.metrics.assigned_partitions.set(len(mine))
         changelog_n = None
@@ -441,12 +471,18 @@ class Worker:
             return
         timeout = min(self.settings.worker.revoke_timeout_s, self.settings.kafka.session_timeout_s / 3)
         final = await pipeline.revoke(mine, timeout)
-        if final and pipeline.failed is None:
+        if final and pipeline.failed is None and self.transactions is None:
             try:
                 await faust_glue.commit(self.app, self.topic, final)
             except Exception as exc:  # noqa: BLE001 -- not committing only means re-reading them
                 _log.warning("final commit of revoked partitions failed: %r", exc)
         self._parts.initialised -= set(mine)
+        if self.transactions is not None:
+            for p in mine:
+                try:
+                    await self.transactions.close(p)
+                except Exception as exc:  # noqa: BLE001 -- the next owner fences it anyway
+                    _log.warning("closing the transactional producer of partition %d: %r", p, exc)
         if self.conversations is not None:
             self.conversations.forget(mine)
         self.metrics.assigned_partitions.set(len(self._parts.assigned - set(mine)))
@@ -454,8 +490,8 @@ class Worker:
     # ------------------------------------------------------------------ timers
     async def _commit_tick(self) -> None:
         pipeline = self.pipeline
-        if pipeline is None or pipeline.failed is not None or self.app.rebalancing:
-            return
+        if pipeline is None or pipeline.failed is not None or self.app.rebalancing or self.transactions is not None:
+            return  # with exactly-once output the transactions commit the offsets
         offsets = pipeline.committable()
         if offsets and await faust_glue.commit(self.app, self.topic, offsets):
             pipeline.mark_committed(offsets)
@@ -547,6 +583,11 @@ class Worker:
                 if keys:
                     self.metrics.cache_evictions_total.labels("l2", reason).inc(len(keys))
 
+    async def _recovery_tick(self) -> None:
+        settled = faust_glue.settle_transactional_recovery(self.app, self._recovery_quiet)
+        if settled:
+            _log.info("table recovery: %d changelog partition(s) end in transaction markers; recovered", settled)
+
     async def _conversation_sweep_tick(self) -> None:
         if self.conversations is None or self.pipeline is None or self.app.rebalancing:
             return
@@ -607,13 +648,18 @@ class Worker:
         if pipeline is not None:
             if pipeline.failed is None:
                 await pipeline.drain(min(5.0, self.settings.worker.shutdown_timeout_s / 3))
-                offsets = pipeline.committable()
+                offsets = pipeline.committable() if self.transactions is None else {}
                 if offsets:
                     try:
                         await asyncio.wait_for(faust_glue.commit(self.app, self.topic, offsets), 5.0)
                     except Exception as exc:  # noqa: BLE001 -- not committing only means re-reading
                         _log.warning("final commit failed: %r", exc)
             await pipeline.stop()
+        if self.transactions is not None:
+            try:
+                await asyncio.wait_for(self.transactions.close_all(), 5.0)
+            except Exception as exc:  # noqa: BLE001 -- stopping anyway; open transactions time out
+                _log.warning("closing transactional producers: %r", exc)
         if self.producer is not None:
             try:
                 await asyncio.wait_for(self.producer.stop(), 5.0)
@@ -637,3 +683,17 @@ def _forward(url: str) -> tuple[int, dict[str, Any]]:
             return 502, {"status": "fail", "reasons": [f"{url} answered {exc.code}"]}
     except (OSError, orjson.JSONDecodeError) as exc:
         return 502, {"status": "fail", "reasons": [f"forwarding to {url} failed: {exc}"]}
+
+
+def _every(interval_s: float, tick: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+    """A task running ``tick`` every ``interval_s`` (a failing tick is logged; the next one runs anyway)."""
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await tick()
+            except Exception as exc:  # noqa: BLE001 -- one failed tick (a timeout, a rebalance) is not fatal
+                _log.warning("%s failed: %r", getattr(tick, "__name__", tick), exc)
+
+    return loop

@@ -13,11 +13,14 @@ against the installed versions so that an upgrade fails loudly instead of silent
   thread delegate ``_thread`` with its aiokafka consumer ``_consumer``;
 * ``AIOKafkaConsumerThread._create_worker_consumer`` and aiokafka's ``AIOKafkaConsumer._isolation_level``
   (the input is read ``read_committed``, which Faust only does for its own transactions);
-* ``App._new_transport``; the ``faust.stores`` registry (``STORES.aliases``); the RocksDB store's
+* ``App._new_transport`` and ``App.on_start`` (mode's service hook); the ``faust.stores`` registry
+  (``STORES.aliases``); the RocksDB store's
   ``_dbs``, ``offset_key``, ``partition_path``, ``assign_partitions`` and ``_key_index``;
 * ``Table.send_changelog``, ``Table.changelog_topic_name`` and the store's ``set_persisted_offset``;
 * the assignor's ``_tps_url`` (which worker's ``canonical_url`` holds a table partition);
-* mode's ``Worker._schedule_shutdown`` (signals) for the bounded stop.
+* mode's ``Worker._schedule_shutdown`` (signals) for the bounded stop;
+* the recovery service's ``in_recovery``, ``active_highwaters`` and ``active_offsets`` and the table
+  manager's ``changelog_queue`` (recovery over transactional changelogs).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ __all__ = [
     "committed_offset",
     "lag_positions",
     "register_store",
+    "settle_transactional_recovery",
     "table_owner_url",
     "topic_partition_count",
 ]
@@ -134,10 +138,22 @@ class EmotionTransport(faust_aiokafka.Transport):
 
 
 class EmotionApp(faust.App):
-    """``faust.App`` whose consumer takes the input topics a chunk at a time (see the module docstring)."""
+    """``faust.App`` whose consumer takes the input topics a chunk at a time (see the module docstring).
+
+    ``early_tasks`` start with the app, not after the first table recovery as Faust's own ``app.task`` and
+    ``app.timer`` do: the worker's health beat, broker check and pipeline start-up must run while a long
+    recovery is in progress (a liveness probe that fails during recovery would restart it for ever).
+    """
+
+    early_tasks: list[Callable[[], Awaitable[None]]]
 
     def _new_transport(self) -> Any:
         return EmotionTransport(self.conf.broker_consumer, self)
+
+    async def on_start(self) -> None:
+        await super().on_start()
+        for task in getattr(self, "early_tasks", ()):
+            self.add_future(task())
 
     @property
     def emotion_consumer(self) -> EmotionConsumer:
@@ -164,6 +180,47 @@ async def commit(app: faust.App, topic: str, offsets: Mapping[int, int]) -> bool
     if ok:
         consumer._committed_offset.update(tps)
     return ok
+
+
+def settle_transactional_recovery(app: faust.App, quiet: dict[Any, int]) -> int:
+    """Let table recovery finish over changelogs written in transactions (exactly-once output).
+
+    Recovery waits until it applied a record at the changelog's end offset - 1, but a transactional
+    changelog ends with a commit marker (and may hold aborted records) that no reader ever receives, so
+    it would wait forever. Faust handles this only for its own exactly-once mode (``detect_aborted_tx``);
+    this does the same for ours: a partition whose changelog queue is drained and whose consumer position
+    reached the end offset, twice in a row (``quiet`` keeps the count between calls), counts as recovered.
+    Returns how many partitions were settled.
+    """
+    recovery: Any = getattr(app.tables, "recovery", None)
+    if recovery is None or not recovery.in_recovery or not cast(Any, app.tables).changelog_queue.empty():
+        quiet.clear()
+        return 0
+    thread = cast(Any, app.consumer)._thread
+    consumer: Any = getattr(thread, "_consumer", None)
+    subscription = consumer._subscription.subscription if consumer is not None else None
+    assignment = subscription.assignment if subscription is not None else None
+    if assignment is None:
+        return 0
+    settled = 0
+    for tp, highwater in list(recovery.active_highwaters.items()):
+        offset = recovery.active_offsets.get(tp)
+        if highwater is None or offset is None or offset >= highwater:
+            quiet.pop(tp, None)
+            continue
+        atp = TopicPartition(tp.topic, tp.partition)
+        if atp not in assignment.tps:
+            continue
+        state = assignment.state_value(atp)
+        if not state.has_valid_position or state.position < highwater:
+            quiet.pop(tp, None)
+            continue
+        quiet[tp] = quiet.get(tp, 0) + 1
+        if quiet[tp] >= 2:
+            recovery.active_offsets[tp] = highwater
+            settled += 1
+            quiet.pop(tp, None)
+    return settled
 
 
 def topic_partition_count(app: faust.App, topic: str) -> int | None:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import (
     InvalidTimestampError,
     KafkaError,
@@ -117,3 +117,80 @@ def _failed(exc: BaseException) -> asyncio.Future[int | None]:
     fut: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
     fut.set_exception(exc)
     return fut
+
+
+class TransactionalKafkaSink:
+    """Implements :class:`stream_app.core.emitter.TransactionalSink`: one transactional producer per input
+    partition, ``transactional.id`` = ``<group>-<input topic>-<partition>``.
+
+    The id is stable across restarts and rebalances, so when a partition's new owner starts its producer
+    (``init_transactions``), the broker bumps the id's epoch: the previous owner, if it still runs (a
+    zombie after a long pause), is fenced off and can commit nothing more. Offsets go into the same
+    transaction (``send_offsets_to_transaction``), so outputs and the input they consumed are committed
+    together or not at all.
+
+    Args:
+        make_producer: Builds an unstarted producer for a transactional id (the worker's settings).
+        input_topic: The input topic whose offsets the transactions commit.
+        group_id: The consumer group (Kafka commits the offsets for it).
+    """
+
+    def __init__(self, make_producer: Callable[[str], AIOKafkaProducer], input_topic: str, group_id: str) -> None:
+        self._make = make_producer
+        self.input_topic = input_topic
+        self.group_id = group_id
+        self._producers: dict[int, AIOKafkaProducer] = {}
+        self._sinks: dict[int, KafkaSink] = {}
+
+    def transactional_id(self, partition: int) -> str:
+        return f"{self.group_id}-{self.input_topic}-{partition}"
+
+    async def ensure(self, partition: int) -> None:
+        """Start ``partition``'s producer (fencing any earlier holder of its transactional id)."""
+        if partition in self._producers:
+            return
+        producer = self._make(self.transactional_id(partition))
+        await producer.start()
+        self._producers[partition] = producer
+        self._sinks[partition] = KafkaSink(producer)
+
+    async def close(self, partition: int) -> None:
+        """Stop ``partition``'s producer (an open transaction is aborted)."""
+        producer = self._producers.pop(partition, None)
+        self._sinks.pop(partition, None)
+        if producer is None:
+            return
+        try:
+            if producer._txn_manager is not None and producer._txn_manager.is_in_transaction():
+                await producer.abort_transaction()
+        finally:
+            await producer.stop()
+
+    async def close_all(self) -> None:
+        for partition in list(self._producers):
+            await self.close(partition)
+
+    def _producer(self, partition: int) -> AIOKafkaProducer:
+        producer = self._producers.get(partition)
+        if producer is None:
+            raise KafkaError(f"no transactional producer for partition {partition} (not assigned here)")
+        return producer
+
+    async def begin(self, partition: int) -> None:
+        await self._producer(partition).begin_transaction()
+
+    async def send(
+        self, partition: int, topic: str, records: Sequence[OutRecord]
+    ) -> list[tuple[list[int], asyncio.Future[int | None]]]:
+        self._producer(partition)
+        return await self._sinks[partition].send(topic, records)
+
+    async def commit(self, partition: int, offset: int | None) -> None:
+        producer = self._producer(partition)
+        if offset is not None:
+            tp = TopicPartition(self.input_topic, partition)
+            await producer.send_offsets_to_transaction({tp: offset}, self.group_id)
+        await producer.commit_transaction()
+
+    async def abort(self, partition: int) -> None:
+        await self._producer(partition).abort_transaction()

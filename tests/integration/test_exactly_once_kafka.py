@@ -1,0 +1,184 @@
+"""Exactly-once output over the real broker, read by read_committed consumers: every input's outcome
+(event or dead letter) exactly once through SIGKILLs and restarts, a zombie fenced by its successor, and
+a broker restart mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from stream_app.devtools.clients import chat_message
+from stream_app.devtools.kafka_local import LocalKafka, local_kafka
+from tests.integration.conftest import Topics, make_topics
+from tests.integration.helpers import dev_texts, produce
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+EOS = {
+    "EMOTION_STREAM_WORKER__DELIVERY": "exactly_once",
+    "EMOTION_STREAM_CACHE__L1_ENABLED": "false",
+    "EMOTION_STREAM_CACHE__L2_ENABLED": "false",
+}
+
+
+def _records(data_dir: Path, n: int) -> list[tuple[bytes | None, bytes | None]]:
+    texts = dev_texts(data_dir, n)
+    records: list[tuple[bytes | None, bytes | None]] = []
+    for i, text in enumerate(texts):
+        if i % 50 == 7:
+            records.append((f"c-{i % 29}".encode(), b"{not json"))  # a dead letter, also exactly once
+        else:
+            records.append(chat_message(f"m-{i}", f"c-{i % 29}", text))
+    return records
+
+
+def _outcomes(bootstrap: str, topics: Topics, expected: int, timeout_s: float) -> Counter[tuple[int, int]]:
+    """Source coordinates of every committed event and dead letter (read_committed), until ``expected``
+    distinct ones arrived and nothing more came for 5 s, or the timeout."""
+
+    async def run() -> Counter[tuple[int, int]]:
+        consumer = AIOKafkaConsumer(
+            topics.events,
+            topics.dead_letters,
+            bootstrap_servers=bootstrap,
+            group_id=None,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+        )
+        await consumer.start()
+        seen: Counter[tuple[int, int]] = Counter()
+        try:
+            deadline = time.monotonic() + timeout_s
+            quiet_since: float | None = None
+            while time.monotonic() < deadline:
+                got = await consumer.getmany(timeout_ms=500)
+                import orjson
+
+                for records in got.values():
+                    for r in records:
+                        source = orjson.loads(r.value)["source"]
+                        seen[(source["partition"], source["offset"])] += 1
+                if got:
+                    quiet_since = None
+                elif len(seen) >= expected:
+                    quiet_since = quiet_since or time.monotonic()
+                    if time.monotonic() - quiet_since > 5:
+                        break
+            return seen
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(run())
+
+
+def _input_coordinates(bootstrap: str, topics: Topics) -> set[tuple[int, int]]:
+    async def run() -> set[tuple[int, int]]:
+        consumer = AIOKafkaConsumer(topics.input, bootstrap_servers=bootstrap, group_id=None,
+                                    auto_offset_reset="earliest")  # fmt: skip
+        await consumer.start()
+        out: set[tuple[int, int]] = set()
+        try:
+            while True:
+                got = await consumer.getmany(timeout_ms=2000)
+                if not got:
+                    return out
+                for tp, records in got.items():
+                    out.update((tp.partition, r.offset) for r in records)
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(run())
+
+
+def _assert_exactly_once(bootstrap: str, topics: Topics, timeout_s: float = 300) -> None:
+    inputs = _input_coordinates(bootstrap, topics)
+    seen = _outcomes(bootstrap, topics, len(inputs), timeout_s)
+    missing = inputs - set(seen)
+    duplicated = {k: v for k, v in seen.items() if v > 1}
+    extra = set(seen) - inputs
+    assert not missing, f"{len(missing)} inputs without an outcome, e.g. {sorted(missing)[:5]}"
+    assert not duplicated, f"{len(duplicated)} inputs with more than one outcome, e.g. {list(duplicated.items())[:5]}"
+    assert not extra
+
+
+def test_three_sigkills_and_restarts_leave_every_outcome_exactly_once(
+    kafka: Any, spawn_worker: Any, data_dir: Path
+) -> None:
+    topics = make_topics(kafka, partitions=4)
+    records = _records(data_dir, 1500)
+    rng = random.Random(11)
+    state = Path(os.environ.get("TMPDIR", "/tmp")) / f"eos-state-{rng.random()}"
+    worker = spawn_worker(topics, name="w0", state_dir=state, **EOS)
+    worker.wait_ready()
+    produce(kafka.bootstrap_servers, topics.input, records)
+    for n in range(3):
+        time.sleep(rng.uniform(1.0, 4.0))
+        worker.kill()
+        worker = spawn_worker(topics, name=f"w{n + 1}", state_dir=state, **EOS)
+        worker.wait_ready()
+    _assert_exactly_once(kafka.bootstrap_servers, topics)
+
+
+def test_a_paused_zombie_is_fenced_by_the_worker_that_took_its_partitions(
+    kafka: Any, spawn_worker: Any, data_dir: Path
+) -> None:
+    topics = make_topics(kafka, partitions=4)
+    zombie = spawn_worker(topics, name="zombie", **EOS)
+    zombie.wait_ready()
+    other = spawn_worker(topics, name="other", **EOS)
+    other.wait_ready()
+    produce(kafka.bootstrap_servers, topics.input, _records(data_dir, 1200))
+    time.sleep(2.0)
+    assert zombie.process is not None
+    os.killpg(zombie.process.pid, signal.SIGSTOP)  # a long GC pause, a frozen VM: the group moves on
+    try:
+        time.sleep(12)  # past the session timeout: "other" gets every partition and fences the zombie
+    finally:
+        os.killpg(zombie.process.pid, signal.SIGCONT)
+    _assert_exactly_once(kafka.bootstrap_servers, topics)
+    # the zombie noticed it was fenced (or its partitions were gone) and never committed anything after
+    time.sleep(2)
+    del other
+
+
+@pytest.fixture
+def own_kafka(cache_dir: Path, tmp_path: Path) -> Iterator[LocalKafka]:
+    with local_kafka(cache_dir, tmp_path / "kafka-restart") as broker:
+        yield broker
+
+
+def test_a_broker_restart_mid_stream_leaves_every_outcome_exactly_once(
+    own_kafka: LocalKafka, spawn_worker: Any, data_dir: Path, tmp_path: Path
+) -> None:
+    topics = make_topics(own_kafka, partitions=2)
+    env = {**EOS, "EMOTION_STREAM_KAFKA__BOOTSTRAP_SERVERS": own_kafka.bootstrap_servers}
+    state = tmp_path / "state-restart"
+    worker = spawn_worker(topics, name="r0", state_dir=state, **env)
+    worker.wait_ready()
+    produce(own_kafka.bootstrap_servers, topics.input, _records(data_dir, 1000))
+    time.sleep(3)
+    own_kafka.stop()
+    time.sleep(3)
+    own_kafka.start()
+    # the worker either rode it out or stopped (a failed transaction is fatal): restart it when it did
+    deadline = time.monotonic() + 60
+    n = 0
+    while time.monotonic() < deadline:
+        assert worker.process is not None
+        if worker.process.poll() is not None:
+            n += 1
+            worker = spawn_worker(topics, name=f"r{n}", state_dir=state, **env)
+            worker.wait_ready()
+            break
+        time.sleep(1)
+    _assert_exactly_once(own_kafka.bootstrap_servers, topics)

@@ -1,0 +1,116 @@
+"""Exactly-once output in the core: one transaction per partition and flush, offsets inside it, isolation of a
+refused record, and a failed commit that leaves nothing committed."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import pytest
+
+from stream_app.core.slots import OutRecord
+from stream_app.errors import OutputRejectedError
+from tests.unit.core.fakes import ListSink, Rec, build, raw
+
+pytestmark = pytest.mark.unit
+
+
+@dataclass
+class FakeTransactions:
+    """Records begin/send/commit/abort per partition; what a read_committed consumer would see is ``visible``."""
+
+    reject_when: Any = None
+    fail_commit: bool = False
+    log: list[tuple[str, int]] = field(default_factory=list)
+    open: dict[int, list[tuple[str, OutRecord]]] = field(default_factory=dict)
+    visible: list[tuple[str, OutRecord]] = field(default_factory=list)
+    committed: dict[int, int] = field(default_factory=dict)
+
+    async def begin(self, partition: int) -> None:
+        assert partition not in self.open, "a transaction is already open"
+        self.open[partition] = []
+        self.log.append(("begin", partition))
+
+    async def send(
+        self, partition: int, topic: str, records: Sequence[OutRecord]
+    ) -> list[tuple[list[int], asyncio.Future[int | None]]]:
+        fut: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        if self.reject_when is not None and any(self.reject_when(topic, r) for r in records):
+            fut.set_exception(OutputRejectedError("too large"))
+        else:
+            self.open[partition].extend((topic, r) for r in records)
+            fut.set_result(0)
+        return [(list(range(len(records))), fut)]
+
+    async def commit(self, partition: int, offset: int | None) -> None:
+        self.log.append(("commit", partition))
+        if self.fail_commit:
+            raise RuntimeError("ProducerFenced")
+        self.visible.extend(self.open.pop(partition))
+        if offset is not None:
+            self.committed[partition] = offset
+
+    async def abort(self, partition: int) -> None:
+        self.log.append(("abort", partition))
+        self.open.pop(partition, None)
+
+    def docs(self, topic: str) -> list[dict[str, Any]]:
+        return [orjson.loads(r.value or b"null") for t, r in self.visible if t == topic]
+
+
+def _pipeline(txn: FakeTransactions, fatal: list[BaseException] | None = None) -> Any:
+    p = build(ListSink(), fatal=fatal)
+    p.emitter.transactions = txn
+    return p
+
+
+async def test_each_partition_commits_its_outputs_and_offsets_together() -> None:
+    txn = FakeTransactions()
+    p = _pipeline(txn)
+    await p.start()
+    try:
+        await p.feed("in", {0: [Rec(i, raw(i, f"text {i}")) for i in range(5)], 1: [Rec(0, b"{bad")]})
+        assert await p.drain(5)
+    finally:
+        await p.stop()
+    assert sorted(d["source"]["offset"] for d in txn.docs("events")) == list(range(5))
+    assert [d["source"]["partition"] for d in txn.docs("dlq")] == [1]
+    assert txn.committed == {0: 5, 1: 1}
+    assert p.committable() == {}  # nothing left for the plain commit path
+    assert not txn.open
+
+
+async def test_a_refused_record_is_isolated_and_its_neighbours_commit() -> None:
+    txn = FakeTransactions(reject_when=lambda topic, r: topic == "events" and b'"m2"' in (r.value or b""))
+    p = _pipeline(txn)
+    await p.start()
+    try:
+        await p.feed("in", {0: [Rec(i, raw(i, f"text {i}")) for i in range(4)]})
+        assert await p.drain(5)
+    finally:
+        await p.stop()
+    assert sorted(d["source"]["offset"] for d in txn.docs("events")) == [0, 1, 3]
+    assert [(d["reason"], d["source"]["offset"]) for d in txn.docs("dlq")] == [("output_failed", 2)]
+    assert ("abort", 0) in txn.log
+    assert txn.committed == {0: 4}
+
+
+async def test_a_failed_commit_is_fatal_and_nothing_becomes_visible() -> None:
+    txn = FakeTransactions(fail_commit=True)
+    fatal: list[BaseException] = []
+    p = _pipeline(txn, fatal)
+    await p.start()
+    try:
+        await p.feed("in", {0: [Rec(i, raw(i, f"text {i}")) for i in range(3)]})
+        for _ in range(300):
+            if fatal:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await p.stop()
+    assert fatal and "transaction of partition 0 failed" in str(fatal[0])
+    assert txn.visible == [] and txn.committed == {}
+    assert p.committable() == {}
