@@ -14,7 +14,8 @@ against the installed versions so that an upgrade fails loudly instead of silent
   (the input is read ``read_committed``, which Faust only does for its own transactions);
 * ``App._new_transport``; the ``faust.stores`` registry (``STORES.aliases``); the RocksDB store's
   ``_dbs``, ``offset_key``, ``partition_path``, ``assign_partitions`` and ``_key_index``;
-* ``Table.send_changelog`` and ``Table.changelog_topic_name``;
+* ``Table.send_changelog`` and ``Table.changelog_topic_name``; Faust's ``Producer._producer`` (the aiokafka
+  producer that sends changelog records) with its ``_metadata`` and ``client.force_metadata_update``;
 * mode's ``Worker._schedule_shutdown`` (signals) for the bounded stop.
 """
 
@@ -263,15 +264,38 @@ class FaustL2Store:
     changelog first (as Faust's own ``table[key] = value`` does) and then to RocksDB. A partition this
     worker does not hold, or one past the changelog's partition count (the input grew and the changelog
     not yet), is skipped: a miss on read, no write.
+
+    The changelog record is sent by Faust's producer, whose metadata is refreshed on its own schedule
+    (metadata.max.age, 5 minutes): right after the changelog grew, the consumer already holds the new
+    partitions while that producer still knows the old count, and aiokafka's ``send`` to a partition it
+    does not know fails an assertion that crashes Faust's producer buffer and stops the worker. So a
+    write is also skipped until the producer knows the partition, and the producer is asked to refresh.
     """
 
     def __init__(self, table: Any, changelog_partitions: Callable[[], int | None]) -> None:
         self.table = table
         self._changelog_partitions = changelog_partitions
         self.skipped_writes = 0
+        self._refreshing: Any = None
 
     def _db(self, partition: int) -> Any | None:
         return self.table.data._dbs.get(partition)
+
+    def _writable(self, partition: int) -> bool:
+        """The changelog has ``partition`` and the producer that sends its records knows it."""
+        n = self._changelog_partitions()
+        if n is None or partition >= n:
+            return False
+        producer = getattr(self.table.app.producer, "_producer", None)  # Faust's aiokafka producer
+        if producer is None:
+            return False
+        known = producer._metadata.partitions_for_topic(self.table.changelog_topic_name)
+        if known is None or partition in known:
+            return True  # None: not sent to yet; aiokafka's send fetches the topic's metadata first
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = producer.client.force_metadata_update()
+            self._refreshing.add_done_callback(_retrieve)
+        return False
 
     def get_many(self, partition: int, keys: Sequence[bytes]) -> list[bytes | None]:
         db = self._db(partition)
@@ -282,8 +306,7 @@ class FaustL2Store:
 
     def put(self, partition: int, key: bytes, value: bytes) -> bool:
         db = self._db(partition)
-        n = self._changelog_partitions()
-        if db is None or n is None or partition >= n:
+        if db is None or not self._writable(partition):
             self.skipped_writes += 1
             return False
         self.table.send_changelog(partition, key, value, key_serializer="raw", value_serializer="raw")
@@ -292,8 +315,7 @@ class FaustL2Store:
 
     def delete(self, partition: int, key: bytes) -> None:
         db = self._db(partition)
-        n = self._changelog_partitions()
-        if db is None or n is None or partition >= n:
+        if db is None or not self._writable(partition):
             return
         self.table.send_changelog(partition, key, None, key_serializer="raw", value_serializer="raw")
         db.delete(key)
@@ -304,6 +326,12 @@ class FaustL2Store:
     def items(self, partition: int) -> Any:
         db = self._db(partition)
         return iter(()) if db is None else db.items()
+
+
+def _retrieve(fut: Any) -> None:
+    """Read a background metadata refresh's outcome, so a failed one is not logged as never retrieved."""
+    if not fut.cancelled() and fut.exception() is not None:
+        _log.debug("metadata refresh failed: %r", fut.exception())
 
 
 # ---------------------------------------------------------------------------------------- stopping
