@@ -73,7 +73,7 @@ class CompatTopics:
 def create_topics(kafka_target: KafkaSettings | str, topics: CompatTopics, partitions: int,
                   input_config: dict[str, str] | None = None) -> None:  # fmt: skip
     """Create the four topics with confluent-kafka's AdminClient (the input with ``input_config``)."""
-    from confluent_kafka.admin import NewTopic
+    from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]  # re-exported from cimpl
 
     from tests.compat.helpers import confluent_admin
 
@@ -94,6 +94,7 @@ class SupervisedWorker:
     log_path: Path
     metrics_port: int
     max_restarts: int = 3
+    command: tuple[str, ...] = (sys.executable, "-m", "stream_app.cli", "worker")
     restarts: int = 0
     exit_codes: list[int] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
@@ -106,7 +107,7 @@ class SupervisedWorker:
             log.write(f"\n===== start {time.strftime('%H:%M:%S')} =====\n".encode())
             log.flush()
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "stream_app.cli", "worker"],
+                list(self.command),
                 env=self.env,
                 cwd=REPO_ROOT,
                 stdout=log,
@@ -180,9 +181,7 @@ class SupervisedWorker:
         total = 0.0
         for family in text_string_to_metric_families(self.scrape()):
             for sample in family.samples:
-                if sample.name in (name, f"{name}_total") and all(
-                    sample.labels.get(k) == v for k, v in labels.items()
-                ):
+                if sample.name in (name, f"{name}_total") and all(sample.labels.get(k) == v for k, v in labels.items()):
                     total += sample.value
         return total
 
@@ -269,7 +268,7 @@ class ClosingTable:
             lines.append(f"| {r.condition}{mark} | {r.inputs} | {r.events} | {r.dead_letters} | {r.missing} "
                          f"| {r.restarts} |")  # fmt: skip
         wrong = [f"- {r.condition}: {w}" for r in self.rows for w in r.wrong[:5]]
-        return "\n".join(lines + ([""] + wrong if wrong else [])) + "\n"
+        return "\n".join(lines + (["", *wrong] if wrong else [])) + "\n"
 
     def write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

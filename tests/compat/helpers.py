@@ -97,7 +97,8 @@ def confluent_admin(kafka: KafkaSettings | str) -> Any:
     """A confluent-kafka AdminClient (the "other tool" that creates and alters things)."""
     from confluent_kafka.admin import AdminClient
 
-    return AdminClient(_confluent_config(kafka))
+    config: dict[str, str | int | float | bool] = {**_confluent_config(kafka)}
+    return AdminClient(config)
 
 
 def produce_confluent(
@@ -429,9 +430,7 @@ class Row:
         )
 
 
-def account(
-    condition: str, expected: Mapping[Coord, Msg], watcher: OutputWatcher, restarts: int
-) -> Row:
+def account(condition: str, expected: Mapping[Coord, Msg], watcher: OutputWatcher, restarts: int) -> Row:
     """Match outputs to ``expected`` inputs by source coordinates; one row of the table."""
     got = watcher.outputs_for(expected)
     events = dead = 0

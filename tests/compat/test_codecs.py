@@ -76,8 +76,9 @@ def test_every_codec_from_librdkafka_kcat_and_aiokafka(
         everything = {c: m for placed in expected.values() for c, m in placed.items()}
         waited = watcher.wait_for(everything, WAIT_S)
         rows = [
-            closing_table.add(account(f"codec {codec} (confluent-kafka, aiokafka, kcat)", placed, watcher,
-                                      worker.restarts))  # fmt: skip
+            closing_table.add(
+                account(f"codec {codec} (confluent-kafka, aiokafka, kcat)", placed, watcher, worker.restarts)
+            )
             for codec, placed in expected.items()
         ]
     assert waited >= 0, f"{missing_report(everything, watcher)}\n{worker.log_tail()}"

@@ -67,7 +67,7 @@ def test_an_input_topic_made_by_another_tool_with_8_partitions(
     settings = kafka.client_settings()
     topics = CompatTopics.fresh("foreign8")
     admin = confluent_admin(settings)
-    from confluent_kafka.admin import NewTopic
+    from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]  # re-exported from cimpl
 
     admin.create_topics([NewTopic(topics.input, 8, 1)])[topics.input].result(60)
     # `emotion-stream topics` with its defaults: creates the three missing topics, reports the input as is
@@ -116,7 +116,7 @@ def test_a_live_partition_increase_from_4_to_6(
         before = produce_confluent(settings, topics.input, _repeats("before", texts, range(4), 4))
         assert watcher.wait_for(before, WAIT_S) >= 0, f"{missing_report(before, watcher)}\n{worker.log_tail()}"
 
-        from confluent_kafka.admin import NewPartitions
+        from confluent_kafka.admin import NewPartitions  # type: ignore[attr-defined]  # re-exported from cimpl
 
         admin = confluent_admin(settings)  # held until the future resolves (a dropped handle cancels it)
         admin.create_partitions([NewPartitions(topics.input, 6)])[topics.input].result(60)
