@@ -11,7 +11,6 @@ carries, so "in = events + dead letters, nothing missing" is checked record by r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 import struct
 import subprocess
@@ -43,8 +42,11 @@ __all__ = [
     "batch_codecs",
     "chat",
     "confluent_admin",
+    "kcat_path",
     "kcat_produce",
     "locate",
+    "malformed",
+    "missing_report",
     "produce_aiokafka",
     "produce_confluent",
     "watermarks",
@@ -461,13 +463,3 @@ def missing_report(expected: Mapping[Coord, Msg], watcher: OutputWatcher, limit:
     got = watcher.snapshot()
     left = sorted(c for c in expected if c not in got)
     return f"{len(left)} missing, e.g. {left[:limit]}"
-
-
-@contextlib.contextmanager
-def not_before(seconds: float) -> Any:
-    """A block that lasts at least ``seconds`` (to observe that nothing happens meanwhile)."""
-    end = time.monotonic() + seconds
-    yield
-    left = end - time.monotonic()
-    if left > 0:
-        time.sleep(left)
