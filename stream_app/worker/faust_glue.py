@@ -17,6 +17,8 @@ against the installed versions so that an upgrade fails loudly instead of silent
   (``STORES.aliases``); the RocksDB store's
   ``_dbs``, ``offset_key``, ``partition_path``, ``assign_partitions`` and ``_key_index``;
 * ``Table.send_changelog``, ``Table.changelog_topic_name`` and the store's ``set_persisted_offset``;
+  Faust's ``Producer._producer`` (the aiokafka producer that sends changelog records) with its
+  ``_metadata`` and ``client.force_metadata_update``;
 * the assignor's ``_tps_url`` (which worker's ``canonical_url`` holds a table partition);
 * mode's ``Worker._schedule_shutdown`` (signals) for the bounded stop;
 * the recovery service's ``in_recovery``, ``active_highwaters`` and ``active_offsets`` and the table
@@ -339,6 +341,12 @@ class FaustTableStore:
     itself, in order after their alerts, and writes here with :meth:`put_local` once they are
     acknowledged). A partition this worker does not hold, or one past the changelog's partition count (the
     input grew and the changelog not yet), is skipped: a miss on read, no write.
+
+    An L2 changelog record is sent by Faust's producer, whose metadata is refreshed on its own schedule
+    (metadata.max.age, 5 minutes): right after the changelog grew, the consumer already holds the new
+    partitions while that producer still knows the old count, and aiokafka's ``send`` to a partition it
+    does not know fails an assertion that crashes Faust's producer buffer and stops the worker. So an L2
+    write is also skipped until the producer knows the partition, and the producer is asked to refresh.
     """
 
     def __init__(self, table: Any, changelog_partitions: Callable[[], int | None]) -> None:
@@ -346,6 +354,7 @@ class FaustTableStore:
         self.changelog_topic: str = table.changelog_topic_name
         self._changelog_partitions = changelog_partitions
         self.skipped_writes = 0
+        self._refreshing: Any = None
 
     def _db(self, partition: int) -> Any | None:
         return self.table.data._dbs.get(partition)
@@ -358,6 +367,21 @@ class FaustTableStore:
         db = self._db(partition)
         return None if db is None else db.get(key)
 
+    def _writable(self, partition: int) -> bool:
+        """We hold ``partition`` and Faust's producer, which sends the L2 changelog records, knows it."""
+        if not self.holds(partition):
+            return False
+        producer = getattr(self.table.app.producer, "_producer", None)  # Faust's aiokafka producer
+        if producer is None:
+            return False
+        known = producer._metadata.partitions_for_topic(self.changelog_topic)
+        if known is None or partition in known:
+            return True  # None: not sent to yet; aiokafka's send fetches the topic's metadata first
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = producer.client.force_metadata_update()
+            self._refreshing.add_done_callback(_retrieve)
+        return False
+
     def get_many(self, partition: int, keys: Sequence[bytes]) -> list[bytes | None]:
         db = self._db(partition)
         if db is None:
@@ -366,7 +390,7 @@ class FaustTableStore:
         return [get(k) for k in keys]
 
     def put(self, partition: int, key: bytes, value: bytes) -> bool:
-        if not self.holds(partition):
+        if not self._writable(partition):
             self.skipped_writes += 1
             return False
         self.table.send_changelog(partition, key, value, key_serializer="raw", value_serializer="raw")
@@ -374,7 +398,7 @@ class FaustTableStore:
         return True
 
     def delete(self, partition: int, key: bytes) -> None:
-        if not self.holds(partition):
+        if not self._writable(partition):
             return
         self.table.send_changelog(partition, key, None, key_serializer="raw", value_serializer="raw")
         self._db(partition).delete(key)  # type: ignore[union-attr]
@@ -406,6 +430,12 @@ def table_owner_url(app: faust.App, changelog_topic: str, partition: int) -> str
     urls = getattr(app.assignor, "_tps_url", {})
     url = urls.get(TP(changelog_topic, partition))
     return str(url) if url else None
+
+
+def _retrieve(fut: Any) -> None:
+    """Read a background metadata refresh's outcome, so a failed one is not logged as never retrieved."""
+    if not fut.cancelled() and fut.exception() is not None:
+        _log.debug("metadata refresh failed: %r", fut.exception())
 
 
 # ---------------------------------------------------------------------------------------- stopping

@@ -51,6 +51,13 @@ class KafkaSink:
     ) -> list[tuple[list[int], asyncio.Future[int | None]]]:
         producer = self.producer
         partitions = sorted(await producer.partitions_for(topic))
+        explicit = {r.partition for r in records if r.partition is not None}
+        if explicit - set(partitions):
+            # a partition added since the producer last refreshed its metadata (a grown changelog)
+            await producer.client.force_metadata_update()
+            partitions = sorted(await producer.partitions_for(topic))
+            if explicit - set(partitions):
+                raise KafkaError(f"{topic} has no partition(s) {sorted(explicit - set(partitions))}")
         n = len(partitions)
         if n == 0:
             raise KafkaError(f"topic {topic} has no partitions")
