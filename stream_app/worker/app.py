@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import gc
 import logging
 import time
@@ -110,6 +111,7 @@ class Worker:
         self.l2: FaustL2Store | None = None
         self._ready = asyncio.Event()
         self._parts = _Partitions()
+        self._lag_partitions: set[int] = set()  # partitions whose lag gauges this worker exports
         self._generation = -1
         self._last_broker_ok = time.monotonic()
         self._first_event_logged = False
@@ -374,6 +376,8 @@ class Worker:
     async def _on_revoked(self, sender: Any, /, *args: Any, signal: Any = None, **kwargs: Any) -> None:
         revoked = args[0] if args else kwargs.get("revoked", ())
         mine = sorted(tp.partition for tp in revoked if tp.topic == self.topic)
+        self._parts.assigned -= set(mine)  # readiness and the lag gauges stop counting them at once
+        self.metrics.assigned_partitions.set(len(self._parts.assigned))
         pipeline = self.pipeline
         if not mine or pipeline is None:
             return
@@ -385,7 +389,6 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 -- not committing only means re-reading them
                 _log.warning("final commit of revoked partitions failed: %r", exc)
         self._parts.initialised -= set(mine)
-        self.metrics.assigned_partitions.set(len(self._parts.assigned - set(mine)))
 
     # ------------------------------------------------------------------ timers
     async def _commit_tick(self) -> None:
@@ -413,7 +416,9 @@ class Worker:
             reasons.append("table recovery in progress")
         broker_age = now - self._last_broker_ok
         if broker_age > 15.0:
-            reasons.append(f"no broker answered for {broker_age:.0f} s")
+            reasons.append(
+                f"no Kafka broker answered for {broker_age:.0f} s (bootstrap {self.settings.kafka.bootstrap_servers})"
+            )
         if self._stopping:
             reasons.append("stopping")
         self.metrics.ready.set(0 if reasons else 1)
@@ -435,6 +440,13 @@ class Worker:
         positions = faust_glue.lag_positions(self.app, self.topic, sorted(self._parts.assigned))
         now_wall = time.time()
         now = time.monotonic()
+        for p in self._lag_partitions - self._parts.assigned:
+            # a partition this worker no longer holds: its owner reports its lag; a frozen last value here
+            # would keep a lag alert firing (and skew a sum) forever
+            for gauge in (self.metrics.consumer_lag_messages, self.metrics.consumer_lag_seconds):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(str(p))
+        self._lag_partitions = set(self._parts.assigned)
         for p in self._parts.assigned:
             lane = status.get(p)
             lso, position = positions.get(p, (None, None))
