@@ -41,6 +41,7 @@ from stream_app.kafka_config import aiokafka_client_kwargs
 from stream_app.metrics import Metrics
 from stream_app.service import Runtime
 from stream_app.settings import Settings
+from stream_app.tracing import BatchTracer, batch_tracer
 from stream_app.worker import faust_glue
 from stream_app.worker.credentials import faust_credentials
 from stream_app.worker.faust_glue import EmotionApp, FaustL2Store, Watchdog
@@ -107,6 +108,7 @@ class Worker:
         self.started_at = started_at
         self.topic = settings.topics.input
         self.pipeline: Pipeline | None = None
+        self.tracer: BatchTracer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.l2: FaustL2Store | None = None
         self._ready = asyncio.Event()
@@ -227,6 +229,13 @@ class Worker:
         if l1 is not None and rt.warm_file_phrases:
             self._warm_l1(rt, l1, identity, rt.warm_file_phrases)
         assert self.producer is not None
+        self.tracer = batch_tracer(
+            s.tracing,
+            engine=f"{info.kind}-{info.precision}",
+            consumer_group=s.worker.app_id,
+            worker_id=s.worker.worker_id,
+            max_links=b.max_batch_size,
+        )
         ledger = CrashLedger(s.worker.state_dir / "crash-ledger.json", max_strikes=s.worker.max_record_crashes)
         return Pipeline(
             engine=rt.engine,
@@ -273,6 +282,7 @@ class Worker:
             metrics=self.metrics,
             on_fatal=self.fatal,
             ledger=ledger,
+            tracer=self.tracer,
         )
 
     @staticmethod
@@ -523,6 +533,11 @@ class Worker:
                     except Exception as exc:  # noqa: BLE001 -- not committing only means re-reading
                         _log.warning("final commit failed: %r", exc)
             await pipeline.stop()
+        if self.tracer is not None:  # export the last spans, bounded by the export timeout
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self.tracer.shutdown), 5.0)
+            except TimeoutError:
+                _log.warning("tracing: the last spans were not exported in time")
         if self.producer is not None:
             try:
                 await asyncio.wait_for(self.producer.stop(), 5.0)
