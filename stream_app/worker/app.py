@@ -436,6 +436,8 @@ class Worker:
             self.metrics.cold_start_seconds.labels("ready").set(now - self.started_at)
         if pipeline is not None:
             classifier = pipeline.classifier
+            self.metrics.in_flight.set(pipeline.in_flight)
+            self.metrics.queue_depth.set(classifier.queued)
             self.health.update(
                 not_ready=reasons,
                 inference_queued=classifier.queued + classifier.running,

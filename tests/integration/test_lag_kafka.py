@@ -165,17 +165,22 @@ def test_lag_rises_while_the_worker_is_stopped_and_returns_to_zero(
         os.kill(worker.process.pid, signal.SIGCONT)
     peak_messages = 0.0
     peak_seconds = 0.0
+    peak_in_flight = 0.0
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        messages, seconds = _lags(port)
+        values = samples(port)
+        messages, seconds = by_partition(values, LAG), by_partition(values, LAG_S)
         peak_messages = max(peak_messages, sum(messages.values()))
         peak_seconds = max(peak_seconds, max(seconds.values(), default=0.0))
+        peak_in_flight = max(peak_in_flight, values[("emotion_in_flight_messages", ())])
         if peak_messages and not any(messages.values()) and not any(seconds.values()):
             break
         time.sleep(0.2)
     assert peak_messages >= 100, f"lag in messages peaked at {peak_messages} with {len(backlog)} waiting"
     # the oldest waiting record was produced right after the pause began and waited out the pause
     assert peak_seconds >= pause_s / 2, f"lag in seconds peaked at {peak_seconds:.1f} s"
+    assert peak_in_flight > 0, "the in-flight gauge never moved"  # the dashboard and the stuck alert read it
     _wait_lag_zero(port, partitions=2, timeout_s=60)
+    assert samples(port)[("emotion_in_flight_messages", ())] == 0
     got = collect(kafka.bootstrap_servers, [topics.events], Until({topics.events: 1640}, distinct_ids=True), 120)
     assert len({str(r.json()["message_id"]) for r in got}) == 1640
