@@ -501,8 +501,8 @@ class TracingSettings(_Group):
     otlp_timeout_s: float = Field(
         10.0,
         gt=0,
-        description="Longest one export may take (OTEL_EXPORTER_OTLP_TIMEOUT, in seconds here); also bounds "
-        "the final flush when the worker stops.",
+        description="Longest one export may take (OTEL_EXPORTER_OTLP_TIMEOUT, in seconds here). When the "
+        "worker stops, the last spans get at most 5 s of that.",
     )
     service_name: str = Field(
         "emotion-stream",

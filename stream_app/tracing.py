@@ -77,6 +77,8 @@ class BatchTracer:
 
         self._tracer = tracer
         self._provider = provider
+        self.failures = 0
+        """Batches whose span could not be made."""
         self._clock_ns = clock_ns
         self._link = Link
         self._span_context = SpanContext
@@ -104,7 +106,18 @@ class BatchTracer:
 
     def on_batch(self, leaders: Sequence[Slot], stats: BatchStats) -> None:
         """One finished batch: ``leaders`` are the messages inferred (each with its ``trace``), ``stats``
-        its measurements; called on the event loop right after the batch's post-processing."""
+        its measurements; called on the event loop right after the batch's post-processing.
+
+        Never raises: a tracing failure costs the span (logged once), never the batch or the worker.
+        """
+        try:
+            self._span(leaders, stats)
+        except Exception as exc:  # noqa: BLE001 -- tracing is optional; the pipeline must not stop for it
+            self.failures += 1
+            if self.failures == 1:
+                _log.warning("tracing: a batch span could not be made (%r); later failures are not logged", exc)
+
+    def _span(self, leaders: Sequence[Slot], stats: BatchStats) -> None:
         end = self._clock_ns()
         start = end - int((stats.infer_s + stats.postprocess_s) * 1e9)
         topic = leaders[0].chunk.topic if leaders else ""

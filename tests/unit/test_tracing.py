@@ -226,3 +226,19 @@ def test_with_tracing_off_no_opentelemetry_module_is_imported(endpoint: str) -> 
         assert "opentelemetry.exporter.otlp.proto.http.trace_exporter" in found["otel"]
     else:
         assert found == {"on": False, "otel": []}
+
+
+def test_a_failing_span_never_reaches_the_pipeline(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken:
+        def start_span(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("exporter gone mad")
+
+    from stream_app.core.classifier import BatchStats
+    from stream_app.tracing import BatchTracer
+
+    tracer = BatchTracer(Broken(), engine="e", consumer_group="g")
+    stats = BatchStats(1, 0, 0, 0, 1, "drain", 0.0, 0.0, 0.0, 0.0, 0)
+    tracer.on_batch([], stats)
+    tracer.on_batch([], stats)
+    assert tracer.failures == 2
+    assert sum("could not be made" in r.message for r in caplog.records) == 1
