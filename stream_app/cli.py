@@ -7,19 +7,21 @@ import contextlib
 import logging
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter, deque
 from pathlib import Path
+from typing import NoReturn
 
 import click
 import numpy as np
 from pydantic import ValidationError
 
 from stream_app.devtools.processes import exit_on_sigterm
-from stream_app.errors import EmotionStreamError, ModelError
+from stream_app.errors import EmotionStreamError, InfrastructureError, ModelError
 from stream_app.settings import KafkaSettings, Settings, load_settings
 
 __all__ = ["main"]
@@ -151,6 +153,40 @@ def _ensure_model(settings: Settings) -> None:
         build_model(settings.data.goemotions_dir, settings.data.cache_dir)
 
 
+def _log_tail(log: Path, lines: int = 25) -> str:
+    """The last ``lines`` lines of ``log`` ("" when it does not exist)."""
+    try:
+        text = log.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _keep_log(settings: Settings, log: Path) -> Path | None:
+    """Copy a failed worker's log out of the demo's temporary folder (which is deleted); its new path."""
+    if not log.exists():
+        return None
+    folder = settings.data.cache_dir / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    kept = folder / f"demo-worker-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    shutil.copyfile(log, kept)
+    return kept
+
+
+def _worker_failed(console: object, settings: Settings, log: Path, what: str) -> NoReturn:
+    """Say that the demo's worker failed, with its log's tail, keep the log, and end the command (exit 1)."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    assert isinstance(console, Console)
+    tail = _log_tail(log)
+    kept = _keep_log(settings, log)
+    console.print(f"[red]{escape(what)}[/]")
+    if tail:
+        console.print(f"[dim]--- last lines of the worker's log ---[/]\n{escape(tail)}\n[dim]---[/]")
+    raise click.ClickException(f"{what}; its full log is kept at {kept}" if kept else what)
+
+
 @main.command()
 @click.option("--messages", type=int, default=600, show_default=True, help="Chat messages to replay.")
 @click.option("--rate", type=float, default=150.0, show_default=True, help="Messages per second (0: unpaced).")
@@ -168,22 +204,32 @@ def demo(messages: int, rate: float, malformed: float, seed: int) -> None:
     _ensure_model(settings)
     with tempfile.TemporaryDirectory(prefix="emotion-demo-") as tmp, contextlib.ExitStack() as stack:
         run_dir = Path(tmp)
-        with console.status("starting Apache Kafka and the worker..."):
-            env = {"EMOTION_STREAM_WORKER__WORKER_ID": "demo-worker"}
-            running = stack.enter_context(local_stack(settings, run_dir, env=env))
         try:
-            assert running.worker is not None
+            with console.status("starting Apache Kafka and the worker..."):
+                env = {"EMOTION_STREAM_WORKER__WORKER_ID": "demo-worker"}
+                running = stack.enter_context(local_stack(settings, run_dir, env=env))
+        except InfrastructureError as exc:  # the worker (or Kafka) did not start: say why, keep the log
+            _worker_failed(console, settings, run_dir / "worker.log", f"the demo could not start: {exc}")
+        assert running.worker is not None
+        if running.port_taken is not None:
             console.print(
-                f"[green]Kafka[/] {running.bootstrap_servers}  [green]worker[/] pid {running.worker.pid}"
-                f"  metrics :{settings.metrics.port}/metrics  log {running.worker_log}"
+                f"[yellow]port {running.port_taken} is taken (another worker?): the demo's worker serves its "
+                f"metrics on :{running.metrics_port} instead[/]"
             )
-            texts = _demo_texts(settings, messages, seed)
-            asyncio.run(
-                _demo_loop(console, settings, running.kafka, texts, rate, malformed, seed, running.worker,
-                           running.worker_log)
-            )  # fmt: skip
+        console.print(
+            f"[green]Kafka[/] {running.bootstrap_servers}  [green]worker[/] pid {running.worker.pid}"
+            f"  metrics :{running.metrics_port}/metrics  log {running.worker_log}"
+        )
+        texts = _demo_texts(settings, messages, seed)
+        try:
+            died = asyncio.run(
+                _demo_loop(console, settings, running.kafka, texts, rate, malformed, seed, running.worker)
+            )
         except KeyboardInterrupt:
-            console.print("[yellow]interrupted: stopping the worker and Kafka[/]")
+            console.print("[yellow]interrupted: stopping the worker and Kafka (Ctrl-C again: kill them now)[/]")
+            return
+        if died is not None:
+            _worker_failed(console, settings, running.worker_log, f"the demo's worker exited with {died}")
 
 
 async def _demo_loop(
@@ -195,8 +241,9 @@ async def _demo_loop(
     malformed: float,
     seed: int,
     proc: subprocess.Popen[bytes],
-    worker_log: Path,
-) -> None:
+) -> int | None:
+    """Replay ``texts`` and show events as they come; returns the worker's exit code if it died first
+    (noticed within a fifth of a second, not when the next event fails to come), else None."""
     from rich.console import Console
     from rich.live import Live
     from rich.table import Table
@@ -238,9 +285,10 @@ async def _demo_loop(
             table.add_row(conv, text, label, f"{score:.2f}", cache, f"{e2e:.0f}")
         return table
 
-    stream = consume(kafka, [t.events, t.dead_letters], idle_timeout_s=60)
-    async with contextlib.aclosing(stream) as incoming:
-        with Live(render(), console=console, refresh_per_second=8) as live:
+    async def show(live: Live) -> None:
+        nonlocal events, dead
+        stream = consume(kafka, [t.events, t.dead_letters], idle_timeout_s=60)
+        async with contextlib.aclosing(stream) as incoming:
             async for rec in incoming:
                 doc = rec.json()
                 if rec.topic == t.dead_letters:
@@ -260,10 +308,26 @@ async def _demo_loop(
                     )  # fmt: skip
                 live.update(render())
                 if events + dead >= len(records):
-                    break
-                if proc.poll() is not None:
-                    console.print(f"[red]worker exited ({proc.returncode}); see {worker_log}[/]")
-                    break
+                    return
+
+    async def watch() -> None:
+        # polled: a thread blocked in proc.wait() would hold asyncio.run's exit until the worker stops,
+        # which happens only after it
+        while proc.poll() is None:  # noqa: ASYNC110
+            await asyncio.sleep(0.2)
+
+    with Live(render(), console=console, refresh_per_second=8) as live:
+        tasks = [asyncio.create_task(show(live)), asyncio.create_task(watch())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    if proc.poll() is not None and events + dead < len(records):
+        producer.cancel()
+        await asyncio.gather(producer, return_exceptions=True)
+        return proc.returncode
     await producer
     elapsed = time.monotonic() - started
     summary = Table(title="demo summary")
@@ -280,6 +344,7 @@ async def _demo_loop(
     for label, n in labels.most_common():
         summary.add_row(f"label {label}", str(n))
     console.print(summary)
+    return None
 
 
 def _register_commands() -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "SecurityProtocol",
     "Settings",
     "TopicSettings",
+    "TracingSettings",
     "WorkerSettings",
     "default_cache_dir",
     "load_settings",
@@ -560,6 +561,44 @@ class DataSettings(_Group):
     )
 
 
+class TracingSettings(_Group):
+    """OpenTelemetry spans per inference batch (off unless ``otlp_endpoint`` is set).
+
+    Names follow OpenTelemetry's own variables (``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``,
+    ``OTEL_EXPORTER_OTLP_HEADERS``, ``OTEL_EXPORTER_OTLP_TIMEOUT``, ``OTEL_SERVICE_NAME``,
+    ``OTEL_BSP_MAX_QUEUE_SIZE``), with units in the names.
+    """
+
+    otlp_endpoint: str = Field(
+        "",
+        description="OTLP/HTTP traces endpoint, e.g. http://otel-collector:4318/v1/traces (OpenTelemetry's "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT). Empty: tracing is off and OpenTelemetry is not even imported. "
+        "Set: one span per inference batch, linked to the trace context (traceparent) of each message in "
+        "it, exported in the background; costs a span and its links per batch, never a wait on the exporter.",
+    )
+    otlp_headers: SecretStr = Field(
+        SecretStr(""),
+        description="Headers sent with each export, 'key1=value1,key2=value2' (OTEL_EXPORTER_OTLP_HEADERS), "
+        "e.g. a collector's API key; never logged.",
+    )
+    otlp_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Longest one export may take (OTEL_EXPORTER_OTLP_TIMEOUT, in seconds here). When the "
+        "worker stops, the last spans get at most 5 s of that.",
+    )
+    service_name: str = Field(
+        "emotion-stream",
+        description="service.name of the spans (OTEL_SERVICE_NAME); the worker id is service.instance.id.",
+    )
+    max_queue_spans: int = Field(
+        2048,
+        ge=1,
+        description="Spans waiting for export (OTEL_BSP_MAX_QUEUE_SIZE). Beyond it new spans are dropped, "
+        "never buffered without bound: a slow or absent collector costs spans, not memory or latency.",
+    )
+
+
 class Settings(BaseSettings):
     """Every setting of emotion-stream; see the README's configuration table."""
 
@@ -576,6 +615,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     data: DataSettings = Field(default_factory=DataSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
 
 
 def load_settings(**overrides: Any) -> Settings:

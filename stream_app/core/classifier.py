@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -48,6 +48,9 @@ from stream_app.errors import (
 from stream_app.inference.base import Engine, memory_token_budget, predict_split
 from stream_app.inference.tokenize import Encoded, TextEncoder
 from stream_app.metrics import Metrics
+
+if TYPE_CHECKING:
+    from stream_app.tracing import BatchTracer
 
 __all__ = ["BatchStats", "Classifier", "ClassifierConfig"]
 
@@ -124,6 +127,7 @@ class Classifier:
         on_fatal: Called once with the error when the engine or device is unusable.
         ledger: Records native work for poison-record detection (None: off).
         clock: Monotonic seconds (injected in tests).
+        tracer: Makes a span of each finished batch (None: tracing off, the default).
     """
 
     def __init__(
@@ -137,6 +141,7 @@ class Classifier:
         on_fatal: Callable[[BaseException], None],
         ledger: CrashLedger | None = None,
         clock: Callable[[], float] = time.monotonic,
+        tracer: BatchTracer | None = None,
     ) -> None:
         if config.concurrent_batches < 1:
             raise ConfigError(f"concurrent_batches must be >= 1, got {config.concurrent_batches}")
@@ -148,6 +153,7 @@ class Classifier:
         self.on_fatal = on_fatal
         self.ledger = ledger
         self.clock = clock
+        self.tracer = tracer
         self.batcher = Batcher[Slot](
             max_batch_size=config.max_batch_size,
             max_batch_tokens=config.max_batch_tokens,
@@ -350,6 +356,8 @@ class Classifier:
             for s, row, label in zip(leaders, rows, labels, strict=True):
                 s.result = Result(label, tuple(row), s.encoded.truncated if s.encoded is not None else False)
             stats.postprocess_s = self.clock() - t1
+            if self.tracer is not None:
+                self.tracer.on_batch(leaders, stats)
             self._deliver(leaders, stats)
         finally:
             self._running -= 1

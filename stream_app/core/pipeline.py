@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from stream_app.cache.tiered import ResultCache
 from stream_app.core.classifier import Classifier, ClassifierConfig
@@ -36,6 +37,9 @@ from stream_app.inference.base import Engine
 from stream_app.inference.tokenize import TextEncoder
 from stream_app.metrics import Metrics
 from stream_app.records import rfc3339
+
+if TYPE_CHECKING:
+    from stream_app.tracing import BatchTracer
 
 __all__ = ["Pipeline", "PoisonRecordError"]
 
@@ -69,6 +73,7 @@ class Pipeline:
         on_fatal: Called once with the error when the engine, device or broker is unusable.
         ledger: The crash ledger for poison records (None: off).
         clock, wall_clock: Injected time sources.
+        tracer: Makes a span of each inference batch (None: tracing off).
     """
 
     def __init__(
@@ -87,6 +92,7 @@ class Pipeline:
         ledger: CrashLedger | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        tracer: BatchTracer | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
@@ -108,6 +114,7 @@ class Pipeline:
             on_fatal=self._fatal,
             ledger=ledger,
             clock=clock,
+            tracer=tracer,
         )
         self.emitter = Emitter(
             sink=sink,

@@ -25,15 +25,35 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _exit)
 
 
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL ``proc``'s process group and reap it; further Ctrl-Cs cannot interrupt this (it is short)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    while True:
+        try:
+            proc.wait(timeout=10)
+            return
+        except KeyboardInterrupt:
+            continue  # a SIGKILLed process is gone in milliseconds: finish reaping it
+        except subprocess.TimeoutExpired:
+            return  # unkillable (a zombie in uninterruptible I/O): nothing more a parent can do
+
+
 def terminate(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
     """Ask ``proc`` to stop (SIGTERM); after ``timeout_s`` kill its process group (it was started in a new
-    session, so its own children go with it). Returns once it has exited."""
+    session, so its own children go with it). Returns once it has exited.
+
+    A Ctrl-C (KeyboardInterrupt) while waiting, someone impatient pressing it again during the orderly
+    stop, kills the group at once and is then raised again: the stop is cut short, never abandoned (a
+    second Ctrl-C once left the worker running on its own for over a minute).
+    """
     if proc.poll() is not None:
         return
-    proc.send_signal(signal.SIGTERM)
     try:
+        proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+        _kill_group(proc)
+    except KeyboardInterrupt:
+        _kill_group(proc)
+        raise

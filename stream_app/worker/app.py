@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import gc
 import logging
 import re
@@ -49,6 +50,7 @@ from stream_app.kafka_config import aiokafka_client_kwargs
 from stream_app.metrics import Metrics
 from stream_app.service import Runtime
 from stream_app.settings import Settings
+from stream_app.tracing import BatchTracer, batch_tracer
 from stream_app.worker import faust_glue
 from stream_app.worker.credentials import faust_credentials
 from stream_app.worker.faust_glue import EmotionApp, FaustTableStore, Watchdog
@@ -118,6 +120,7 @@ class Worker:
         port = settings.metrics.port
         self.advertised_url = settings.worker.advertised_url or f"http://{socket.gethostname()}:{port}"
         self.pipeline: Pipeline | None = None
+        self.tracer: BatchTracer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.l2: FaustTableStore | None = None
         self.transactions: TransactionalKafkaSink | None = None
@@ -129,6 +132,7 @@ class Worker:
         self._recovery_quiet: dict[Any, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._parts = _Partitions()
+        self._lag_partitions: set[int] = set()  # partitions whose lag gauges this worker exports
         self._generation = -1
         self._last_broker_ok = time.monotonic()
         self._first_event_logged = False
@@ -276,6 +280,13 @@ class Worker:
         if l1 is not None and rt.warm_file_phrases:
             self._warm_l1(rt, l1, identity, rt.warm_file_phrases)
         assert self.producer is not None
+        self.tracer = batch_tracer(
+            s.tracing,
+            engine=f"{info.kind}-{info.precision}",
+            consumer_group=s.worker.app_id,
+            worker_id=s.worker.worker_id,
+            max_links=b.max_batch_size,
+        )
         ledger = CrashLedger(s.worker.state_dir / "crash-ledger.json", max_strikes=s.worker.max_record_crashes)
         pipeline = Pipeline(
             engine=rt.engine,
@@ -322,6 +333,7 @@ class Worker:
             metrics=self.metrics,
             on_fatal=self.fatal,
             ledger=ledger,
+            tracer=self.tracer,
         )
         if self.conversation_store is not None:
             self.conversations = self._conversation_stage(tuple(rt.engine.labels))
@@ -466,16 +478,19 @@ class Worker:
     async def _on_revoked(self, sender: Any, /, *args: Any, signal: Any = None, **kwargs: Any) -> None:
         revoked = args[0] if args else kwargs.get("revoked", ())
         mine = sorted(tp.partition for tp in revoked if tp.topic == self.topic)
-        pipeline = self.pipeline
-        if not mine or pipeline is None:
+        self._parts.assigned -= set(mine)  # readiness and the lag gauges stop counting them at once
+        self.metrics.assigned_partitions.set(len(self._parts.assigned))
+        if not mine:
             return
-        timeout = min(self.settings.worker.revoke_timeout_s, self.settings.kafka.session_timeout_s / 3)
-        final = await pipeline.revoke(mine, timeout)
-        if final and pipeline.failed is None and self.transactions is None:
-            try:
-                await faust_glue.commit(self.app, self.topic, final)
-            except Exception as exc:  # noqa: BLE001 -- not committing only means re-reading them
-                _log.warning("final commit of revoked partitions failed: %r", exc)
+        pipeline = self.pipeline
+        if pipeline is not None:
+            timeout = min(self.settings.worker.revoke_timeout_s, self.settings.kafka.session_timeout_s / 3)
+            final = await pipeline.revoke(mine, timeout)
+            if final and pipeline.failed is None and self.transactions is None:
+                try:
+                    await faust_glue.commit(self.app, self.topic, final)
+                except Exception as exc:  # noqa: BLE001 -- not committing only means re-reading them
+                    _log.warning("final commit of revoked partitions failed: %r", exc)
         self._parts.initialised -= set(mine)
         if self.transactions is not None:
             for p in mine:
@@ -485,7 +500,6 @@ class Worker:
                     _log.warning("closing the transactional producer of partition %d: %r", p, exc)
         if self.conversations is not None:
             self.conversations.forget(mine)
-        self.metrics.assigned_partitions.set(len(self._parts.assigned - set(mine)))
 
     # ------------------------------------------------------------------ timers
     async def _commit_tick(self) -> None:
@@ -513,7 +527,9 @@ class Worker:
             reasons.append("table recovery in progress")
         broker_age = now - self._last_broker_ok
         if broker_age > 15.0:
-            reasons.append(f"no broker answered for {broker_age:.0f} s")
+            reasons.append(
+                f"no Kafka broker answered for {broker_age:.0f} s (bootstrap {self.settings.kafka.bootstrap_servers})"
+            )
         if self._stopping:
             reasons.append("stopping")
         self.metrics.ready.set(0 if reasons else 1)
@@ -521,6 +537,8 @@ class Worker:
             self.metrics.cold_start_seconds.labels("ready").set(now - self.started_at)
         if pipeline is not None:
             classifier = pipeline.classifier
+            self.metrics.in_flight.set(pipeline.in_flight)
+            self.metrics.queue_depth.set(classifier.queued)
             self.health.update(
                 not_ready=reasons,
                 inference_queued=classifier.queued + classifier.running,
@@ -535,6 +553,13 @@ class Worker:
         positions = faust_glue.lag_positions(self.app, self.topic, sorted(self._parts.assigned))
         now_wall = time.time()
         now = time.monotonic()
+        for p in self._lag_partitions - self._parts.assigned:
+            # a partition this worker no longer holds: its owner reports its lag; a frozen last value here
+            # would keep a lag alert firing (and skew a sum) forever
+            for gauge in (self.metrics.consumer_lag_messages, self.metrics.consumer_lag_seconds):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(str(p))
+        self._lag_partitions = set(self._parts.assigned)
         for p in self._parts.assigned:
             lane = status.get(p)
             lso, position = positions.get(p, (None, None))
@@ -660,6 +685,11 @@ class Worker:
                 await asyncio.wait_for(self.transactions.close_all(), 5.0)
             except Exception as exc:  # noqa: BLE001 -- stopping anyway; open transactions time out
                 _log.warning("closing transactional producers: %r", exc)
+        if self.tracer is not None:  # export the last spans, bounded by the export timeout
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self.tracer.shutdown), 5.0)
+            except TimeoutError:
+                _log.warning("tracing: the last spans were not exported in time")
         if self.producer is not None:
             try:
                 await asyncio.wait_for(self.producer.stop(), 5.0)

@@ -5,12 +5,16 @@ event loop cannot hold a probe's answer back: the loop publishes a :class:`Healt
 ``interval`` and the server judges it.
 
 * ``/livez``: 200 while the event loop's heartbeat is fresh and the inference threads make progress
-  (work queued and no batch finished for ``stall_s`` is a stall); else 503 with the reason.
+  (work waiting for inference for ``stall_s`` with no batch finishing meanwhile is a stall); else 503
+  with the reason. Until the event loop's first beat it answers 503 ("starting"): the process is still
+  importing, checking the cluster or starting Faust, and a Kubernetes startup probe on ``/livez`` waits
+  for exactly that (a liveness probe only starts after it).
 * ``/readyz``: 200 once the engine is loaded, warmed and past its parity gate, the group is joined with
   input partitions assigned, table recovery is done and a broker answered recently; else 503 with every
-  reason that holds.
+  reason that holds (a failing liveness is a reason too).
 
-Both answer JSON: ``{"status": "ok"}`` or ``{"status": "fail", "reasons": [...]}``.
+Both answer JSON: ``{"status": "ok"}`` or ``{"status": "fail", "reason": "a; b", "reasons": ["a", "b"]}``
+(``reason``, one line, for people and the Docker health check; ``reasons``, a list, for programs).
 """
 
 from __future__ import annotations
@@ -42,26 +46,41 @@ class Health:
     """What the probes judge; written by the event loop, read by the HTTP threads.
 
     Attributes:
-        heartbeat: Monotonic time of the loop's last beat.
-        not_ready: Reasons the worker is not ready (empty: ready).
+        heartbeat: Monotonic time of the loop's last beat (None until its first).
+        not_ready: Reasons the worker is not ready, as the event loop last found them (before its first
+            beat, liveness's "starting" is the reason).
         inference_queued: Messages waiting for or in inference.
         last_inference: Monotonic time the engine last finished a batch (or the worker started).
-        stall_s: Queued work with no finished batch for this long is a stall (liveness fails).
+        busy_since: Monotonic time since when work has been waiting for inference without a pause (None
+            while none waits). A stall is measured from the later of this and ``last_inference``: after an
+            idle hour, the first message is not a stall because no batch finished during that hour.
+        stall_s: Work waiting for inference this long with no batch finishing is a stall (liveness fails).
         heartbeat_s: A heartbeat older than this fails liveness.
+        created: Monotonic time this snapshot was made (the process's start, near enough).
     """
 
-    heartbeat: float = field(default_factory=time.monotonic)
-    not_ready: list[str] = field(default_factory=lambda: ["starting"])
+    heartbeat: float | None = None
+    not_ready: list[str] = field(default_factory=list)
     inference_queued: int = 0
     last_inference: float = field(default_factory=time.monotonic)
+    busy_since: float | None = None
     stall_s: float = 120.0
     heartbeat_s: float = 10.0
+    created: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def update(self, *, not_ready: Iterable[str], inference_queued: int, last_inference: float) -> None:
+    def update(
+        self, *, not_ready: Iterable[str], inference_queued: int, last_inference: float, now: float | None = None
+    ) -> None:
+        """One beat of the event loop: what it found (called about once a second)."""
+        now = time.monotonic() if now is None else now
         with self.lock:
-            self.heartbeat = time.monotonic()
+            self.heartbeat = now
             self.not_ready = list(not_ready)
+            if not inference_queued:
+                self.busy_since = None
+            elif self.busy_since is None:
+                self.busy_since = now
             self.inference_queued = inference_queued
             self.last_inference = last_inference
 
@@ -69,13 +88,20 @@ class Health:
         now = time.monotonic() if now is None else now
         with self.lock:
             reasons = []
+            if self.heartbeat is None:
+                return [
+                    "starting: checking the cluster and topics, starting Faust and loading the model (the event "
+                    f"loop has not run yet, {now - self.created:.1f} s after start)"
+                ]
             if now - self.heartbeat > self.heartbeat_s:
                 reasons.append(f"event loop has not beaten for {now - self.heartbeat:.1f} s")
-            if self.inference_queued and now - self.last_inference > self.stall_s:
-                reasons.append(
-                    f"{self.inference_queued} message(s) wait for inference and no batch finished for "
-                    f"{now - self.last_inference:.0f} s"
-                )
+            if self.inference_queued and self.busy_since is not None:
+                waiting = now - max(self.last_inference, self.busy_since)
+                if waiting > self.stall_s:
+                    reasons.append(
+                        f"{self.inference_queued} message(s) wait for inference and no batch finished for "
+                        f"{waiting:.0f} s"
+                    )
             return reasons
 
     def readiness(self, now: float | None = None) -> list[str]:
@@ -138,12 +164,13 @@ class HealthServer:
             if match is not None:
                 status, body = route(match, environ)
                 return _json(status, body, start_response)
-        return _json(404, {"status": "fail", "reasons": [f"no such path: {path}"]}, start_response)
+        why = f"no such path: {path}"
+        return _json(404, {"status": "fail", "reason": why, "reasons": [why]}, start_response)
 
     @staticmethod
     def _probe(reasons: list[str], start_response: Callable[..., Any]) -> Iterable[bytes]:
         if reasons:
-            return _json(503, {"status": "fail", "reasons": reasons}, start_response)
+            return _json(503, {"status": "fail", "reason": "; ".join(reasons), "reasons": reasons}, start_response)
         return _json(200, {"status": "ok"}, start_response)
 
 

@@ -6,8 +6,11 @@ and evaluated the rules, every query of the Grafana dashboard and every alert ex
 HTTP API: a query error fails, so does an empty result for a series that must exist, a rule whose
 evaluation failed, or two series of one panel that the legend cannot tell apart.
 
-``worker_metrics_ports`` serves two fake workers (tests/deploy/fake_worker.py: the worker's own collectors on
-their own ports). Pointing it at real workers is one fixture: yield their metrics ports instead.
+``worker_metrics_ports`` runs each check twice: against two real workers (``emotion-stream worker``
+subprocesses on a local Kafka that processed valid, repeated and malformed messages, so every series a
+dashboard reads exists as in production: tests/deploy/real_worker.py) and against two fake ones (the
+worker's own collectors kept moving on their own ports, every label value filled: tests/deploy/fake_worker.py),
+which is fast and covers series a healthy worker only has once something went wrong.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import yaml
 
 from tests.deploy.fake_worker import fake_worker
 from tests.deploy.helpers import DEPLOY, free_port
+from tests.deploy.real_worker import MALFORMED, MESSAGES, real_workers
 
 pytestmark = pytest.mark.integration
 
@@ -52,11 +56,17 @@ EVENT_COUNTERS = {
 }
 
 
-@pytest.fixture(scope="module")
-def worker_metrics_ports() -> Iterator[list[int]]:
-    """Metrics ports of the workers to scrape: two fake workers owning partitions 0-1 and 2-3."""
+@pytest.fixture(scope="module", params=["real", "fake"])
+def worker_metrics_ports(
+    request: pytest.FixtureRequest, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[int]]:
+    """Metrics ports of the workers to scrape: two real workers of one group on a 4-partition input, or two
+    fake workers owning partitions 0-1 and 2-3."""
     with ExitStack() as stack:
-        yield [stack.enter_context(fake_worker(partitions=(2 * i, 2 * i + 1))) for i in range(2)]
+        if request.param == "real":
+            yield stack.enter_context(real_workers(cache_dir, tmp_path_factory.mktemp("real-workers")))
+        else:
+            yield [stack.enter_context(fake_worker(partitions=(2 * i, 2 * i + 1))) for i in range(2)]
 
 
 @dataclass
@@ -213,3 +223,55 @@ def test_a_bad_query_fails(prometheus: Prometheus) -> None:
     with pytest.raises(AssertionError, match="bad_data"):
         prometheus.query("sum by (instance (emotion_ready)")
     assert prometheus.query("emotion_no_such_metric") == []
+
+
+README = DEPLOY.parent / "README.md"
+_SUFFIXES = ("_bucket", "_count", "_sum", "_created")
+
+
+def _readme_metrics() -> dict[str, str]:
+    """``{metric name: its labels cell}`` of the README's metrics table (``emotion_gpu_*`` kept as a pattern)."""
+    section = README.read_text(encoding="utf-8").split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    table: dict[str, str] = {}
+    for row in section.splitlines():
+        if row.startswith("| `emotion_"):
+            names, _kind, labels = (cell.strip() for cell in row.strip().strip("|").split("|"))
+            table |= dict.fromkeys(re.findall(r"`(emotion_[a-z0-9_*]+)`", names), labels)
+    return table
+
+
+def _listed(name: str, table: dict[str, str]) -> bool:
+    return name in table or any(p.endswith("*") and name.startswith(p[:-1]) for p in table)
+
+
+def _label_values(prometheus: Prometheus, expr: str, label: str) -> set[str]:
+    return {r["metric"].get(label, "") for r in prometheus.query(expr)}
+
+
+def test_a_real_worker_exposes_what_the_readme_lists_and_nothing_it_does_not(
+    prometheus: Prometheus, request: pytest.FixtureRequest
+) -> None:
+    if request.node.callspec.params["worker_metrics_ports"] != "real":
+        pytest.skip("the fake workers expose every collector by construction; the real ones are the question")
+    table = _readme_metrics()
+    exposed = set()
+    for name in prometheus.get("/api/v1/label/__name__/values"):
+        if name.startswith("emotion_"):
+            base = next((name.removesuffix(s) for s in _SUFFIXES if name.endswith(s)), name)
+            exposed.add(base if _listed(base, table) or not _listed(f"{base}_total", table) else f"{base}_total")
+    assert not {n for n in exposed if not _listed(n, table)}, "exposed but missing from the README's table"
+    wanted = {n for n in table if "*" not in n} - EVENT_COUNTERS
+    assert not wanted - exposed, "listed in the README (and always there) but not exposed by a real worker"
+    # the label values the README promises are the ones a worker that processed messages has
+    stages = {s.strip() for s in table["emotion_stage_seconds"].removeprefix("stage:").split(",")}
+    assert _label_values(prometheus, "sum by (stage) (emotion_stage_seconds_count)", "stage") == stages
+    phases = {s.strip() for s in table["emotion_cold_start_seconds"].removeprefix("phase:").split(",")}
+    assert _label_values(prometheus, "max by (phase) (emotion_cold_start_seconds)", "phase") == phases
+    levels = _label_values(prometheus, 'sum by (level) (emotion_cache_lookups_total{result="hit"})', "level")
+    assert "l1" in levels  # the repeats were answered by the cache
+    assert _label_values(prometheus, "sum by (reason) (emotion_dead_letters_total)", "reason") >= {"undecodable"}
+    # each input partition's lag is reported by exactly one worker: its owner
+    owners = prometheus.query("count by (partition) (emotion_consumer_lag_messages)")
+    assert {r["metric"]["partition"]: r["value"][1] for r in owners} == {str(p): "1" for p in range(4)}
+    assert prometheus.query("sum(emotion_assigned_partitions)")[0]["value"][1] == "4"
+    assert prometheus.query("sum(emotion_messages_total)")[0]["value"][1] == str(MESSAGES + len(MALFORMED))

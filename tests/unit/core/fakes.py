@@ -176,6 +176,7 @@ def build(
     metrics: Metrics | None = None,
     overlong_reject: bool = False,
     max_record_bytes: int = 1 << 20,
+    tracer: Any = None,
     **classifier: Any,
 ) -> Pipeline:
     metrics = metrics or Metrics()
@@ -218,4 +219,5 @@ def build(
         metrics=metrics,
         on_fatal=errors.append,
         ledger=ledger,
+        tracer=tracer,
     )

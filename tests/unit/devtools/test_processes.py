@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -68,3 +70,57 @@ def test_terminate_kills_a_child_that_ignores_sigterm() -> None:
     proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
     assert time.monotonic() - started < 15
+
+
+_PARENT = """
+import subprocess, sys, time
+sys.path.insert(0, {repo!r})
+from stream_app.devtools.processes import terminate
+child = subprocess.Popen(
+    [sys.executable, "-c",
+     "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(300)"],
+    start_new_session=True, stdout=subprocess.PIPE,
+)
+assert child.stdout.readline().strip() == b"ready"
+try:
+    print(child.pid, flush=True)
+    time.sleep(300)  # the tool's work; the first Ctrl-C ends it
+finally:
+    print("stopping", flush=True)
+    terminate(child, timeout_s=60)  # a slow orderly stop (this child ignores SIGTERM); a 2nd Ctrl-C comes
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_second_ctrl_c_during_the_stop_kills_the_child_instead_of_orphaning_it() -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _PARENT.format(repo=str(REPO))], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    try:
+        parent.send_signal(signal.SIGINT)  # Ctrl-C: the orderly stop begins (SIGTERM, then a 60 s wait)
+        assert parent.stdout.readline().strip() == b"stopping"
+        time.sleep(0.5)
+        assert _alive(child)  # it ignores SIGTERM: the orderly stop would take the whole minute
+        pressed = time.monotonic()
+        parent.send_signal(signal.SIGINT)  # Ctrl-C again
+        parent.wait(timeout=20)
+        assert time.monotonic() - pressed < 10
+        deadline = time.monotonic() + 5
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child), "the child outlived its parent"
+        assert parent.returncode != 0  # the interrupt still reached the tool
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+        parent.kill()
+        parent.communicate(timeout=10)
