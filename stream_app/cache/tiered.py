@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from stream_app.cache.lru import TtlLru
 from stream_app.core.slots import Result, Slot
 from stream_app.metrics import Metrics
 
-__all__ = ["L1Entry", "L2Store", "ResultCache", "plan_sweep"]
+__all__ = ["L1Entry", "L2Store", "ResultCache", "SweepPlan", "plan_sweep"]
 
 _log = logging.getLogger(__name__)
 
@@ -221,15 +221,20 @@ class ResultCache:
                     entry.l2_partitions.add(partition)
 
 
-def plan_sweep(items: Iterable[tuple[bytes, bytes]], *, now: float, max_entries: int) -> dict[str, list[bytes]]:
+class SweepPlan(NamedTuple):
+    """What to delete from one L2 partition, by reason, and how many entries stay."""
+
+    expired: list[bytes]
+    size: list[bytes]
+    kept: int
+
+
+def plan_sweep(items: Iterable[tuple[bytes, bytes]], *, now: float, max_entries: int) -> SweepPlan:
     """Which L2 keys of one partition to delete: the expired and undecodable ones, and the
     soonest-to-expire surplus beyond ``max_entries``.
 
     Deletes go through the changelog as tombstones (the caller's job), so a rebuild from the changelog
     does not bring expired entries back, as RocksDB's own TTL (local only) would.
-
-    Returns:
-        ``{"expired": [...], "size": [...]}`` keys to delete, by reason.
     """
     expired: list[bytes] = []
     live: list[tuple[float, bytes]] = []
@@ -249,4 +254,4 @@ def plan_sweep(items: Iterable[tuple[bytes, bytes]], *, now: float, max_entries:
     if len(live) > max_entries:
         live.sort()
         surplus = [key for _, key in live[: len(live) - max_entries]]
-    return {"expired": expired, "size": surplus}
+    return SweepPlan(expired, surplus, len(live) - len(surplus))

@@ -130,6 +130,7 @@ class Worker:
         self.conversations: ConversationStage | None = None
         self._ready = asyncio.Event()
         self._recovery_quiet: dict[Any, int] = {}
+        self._warm: tuple[Runtime, TtlLru[bytes, L1Entry], ModelIdentity] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._parts = _Partitions()
         self._lag_partitions: set[int] = set()  # partitions whose lag gauges this worker exports
@@ -231,6 +232,11 @@ class Worker:
         await self.producer.start()
         runtime = await asyncio.wrap_future(self.runtime_future)
         self.pipeline = self._build_pipeline(runtime)
+        if self._warm is not None:  # model work: off the loop, so probes and heartbeats go on meanwhile
+            rt, l1, identity = self._warm
+            await asyncio.get_running_loop().run_in_executor(
+                None, self._warm_l1, rt, l1, identity, rt.warm_file_phrases
+            )
         await self.pipeline.start()
         gc.collect()
         gc.freeze()  # the model, modules and Faust's objects: never scanned again by the collector
@@ -277,8 +283,7 @@ class Worker:
             n_labels=len(rt.engine.labels),
             metrics=self.metrics,
         )
-        if l1 is not None and rt.warm_file_phrases:
-            self._warm_l1(rt, l1, identity, rt.warm_file_phrases)
+        self._warm = (rt, l1, identity) if l1 is not None and rt.warm_file_phrases else None
         assert self.producer is not None
         self.tracer = batch_tracer(
             s.tracing,
@@ -535,6 +540,8 @@ class Worker:
         self.metrics.ready.set(0 if reasons else 1)
         if not reasons and self.metrics.cold_start_seconds.labels("ready")._value.get() == 0:
             self.metrics.cold_start_seconds.labels("ready").set(now - self.started_at)
+        if pipeline is not None and pipeline.cache is not None and pipeline.cache.l1 is not None:
+            self.metrics.cache_entries.labels("l1").set(len(pipeline.cache.l1))
         if pipeline is not None:
             classifier = pipeline.classifier
             self.metrics.in_flight.set(pipeline.in_flight)
@@ -596,17 +603,20 @@ class Worker:
         if l2 is None or self.pipeline is None:
             return
         now = time.time()
+        held = 0
         for partition in l2.partitions():
             plan = plan_sweep(
                 l2.items(partition), now=now, max_entries=self.settings.cache.l2_max_entries_per_partition
             )
-            for reason, keys in plan.items():
+            held += plan.kept
+            for reason, keys in (("expired", plan.expired), ("size", plan.size)):
                 for n, key in enumerate(keys):
                     l2.delete(partition, key)
                     if n % 2000 == 1999:
                         await asyncio.sleep(0)  # keep the loop responsive on a big partition
                 if keys:
                     self.metrics.cache_evictions_total.labels("l2", reason).inc(len(keys))
+        self.metrics.cache_entries.labels("l2").set(held)
 
     async def _recovery_tick(self) -> None:
         settled = faust_glue.settle_transactional_recovery(self.app, self._recovery_quiet)

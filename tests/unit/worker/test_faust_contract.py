@@ -1,0 +1,118 @@
+"""The Faust and aiokafka internals stream_app/worker/faust_glue.py relies on, checked against the installed
+versions: an upgrade that renames or reshapes one fails here, loudly, instead of in production."""
+
+from __future__ import annotations
+
+import inspect
+
+import faust
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.consumer.subscription_state import Assignment, TopicPartitionState
+from aiokafka.producer.message_accumulator import BatchBuilder
+from faust.assignor.partition_assignor import PartitionAssignor
+from faust.stores import STORES
+from faust.stores.rocksdb import Store as RocksStore
+from faust.tables.base import Collection
+from faust.tables.recovery import Recovery
+from faust.transport import consumer as faust_consumer
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from mode import Worker as ModeWorker
+
+from stream_app.worker import faust_glue
+
+pytestmark = pytest.mark.unit
+
+VERSIONS = {"faust-streaming": "0.15.3", "aiokafka": "0.14.0"}
+
+
+def test_the_versions_the_glue_was_written_for() -> None:
+    import importlib.metadata as md
+
+    # Not a pin of the project (pyproject does that): a reminder to re-read faust_glue when they move.
+    assert {name: md.version(name) for name in VERSIONS} == VERSIONS, (
+        "faust-streaming or aiokafka changed: check every internal listed in stream_app/worker/faust_glue.py"
+    )
+
+
+def _params(fn: object) -> list[str]:
+    return list(inspect.signature(fn).parameters)  # type: ignore[arg-type]
+
+
+def test_the_consumer_internals_of_the_chunk_path() -> None:
+    base = faust_consumer.Consumer
+    assert inspect.iscoroutinefunction(base._drain_messages)
+    assert _params(base._drain_messages) == ["self", "fetcher"]
+    assert inspect.iscoroutinefunction(base._wait_next_records)
+    assert _params(base._wait_next_records) == ["self", "timeout"]
+    assert _params(faust_aiokafka.Consumer._to_message) == ["self", "tp", "record"]
+    assert inspect.iscoroutinefunction(faust_consumer.ThreadDelegateConsumer._commit)
+    assert _params(faust_consumer.ThreadDelegateConsumer._commit) == ["self", "offsets"]
+    source = inspect.getsource(base.__init__)
+    for attr in ("_read_offset", "_committed_offset", "_buffered_partitions"):
+        assert f"self.{attr}" in source, attr
+    assert "flow_active" in inspect.getsource(base)
+    # the Fetcher service calls exactly this method, so overriding it takes over the loop
+    assert "consumer._drain_messages(self)" in inspect.getsource(faust_consumer.Fetcher)
+
+
+def test_the_consumer_thread_and_aiokafka_isolation_level() -> None:
+    assert _params(faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer) == ["self", "transport"]
+    assert "self._isolation_level = isolation_level" in inspect.getsource(AIOKafkaConsumer.__init__)
+    assert "isolation_level=self._isolation_level" in inspect.getsource(AIOKafkaConsumer.start)
+    assert "_new_consumer_thread" in inspect.getsource(faust_aiokafka.Consumer)
+    assert faust_aiokafka.Transport.Consumer is faust_aiokafka.Consumer
+
+
+def test_aiokafka_state_read_for_lag_positions_and_partition_counts() -> None:
+    assert "_tp_state" in inspect.getsource(Assignment) and hasattr(Assignment, "state_value")
+    for name in ("has_valid_position", "position"):
+        assert isinstance(inspect.getattr_static(TopicPartitionState, name), property), name
+    assert "self.lso" in inspect.getsource(TopicPartitionState)
+    assert "self._client" in inspect.getsource(AIOKafkaConsumer.__init__)
+    assert "self._subscription" in inspect.getsource(AIOKafkaConsumer.__init__)
+
+
+def test_the_app_hooks() -> None:
+    assert _params(faust.App._new_transport) == ["self"]
+    assert inspect.iscoroutinefunction(faust.App.on_start)
+    assert "self.on_before_shutdown.send()" in inspect.getsource(faust.App.on_stop)
+    # app.task / app.timer start only after the first table recovery: why the glue has early_tasks
+    assert "_wait_for_table_recovery_completed" in inspect.getsource(faust.App.on_started)
+
+
+def test_the_store_registry_and_rocksdb_store() -> None:
+    assert hasattr(STORES, "aliases") and "rocksdb" in STORES.aliases
+    url = faust_glue.register_store()
+    assert STORES.by_url(url) is faust_glue.ConsistentRocksStore
+    assert RocksStore.offset_key == b"__faust\x00offset__"
+    for name in ("partition_path", "persisted_offset", "set_persisted_offset", "assign_partitions"):
+        assert callable(getattr(RocksStore, name)), name
+    assert _params(RocksStore.assign_partitions)[:3] == ["self", "table", "tps"]
+    source = inspect.getsource(RocksStore.__init__)
+    assert "self._dbs" in source and "self._key_index" in source
+
+
+def test_the_table_and_assignor_internals() -> None:
+    assert _params(Collection.send_changelog)[:4] == ["self", "partition", "key", "value"]
+    assert isinstance(inspect.getattr_static(Collection, "changelog_topic_name"), property)
+    assert "self._tps_url" in inspect.getsource(PartitionAssignor.__init__)
+    assert "TP(topic, partition): url" in inspect.getsource(PartitionAssignor)
+
+
+def test_the_recovery_internals_for_transactional_changelogs() -> None:
+    source = inspect.getsource(Recovery)
+    for name in ("active_highwaters", "active_offsets", "in_recovery", "detect_aborted_tx"):
+        assert name in source, name
+    assert "changelog_queue" in inspect.getsource(faust.tables.manager.TableManager)
+
+
+def test_the_worker_signal_hook() -> None:
+    assert _params(ModeWorker._schedule_shutdown) == ["self", "signal"]
+
+
+def test_aiokafka_batch_api_used_by_the_sink() -> None:
+    assert _params(AIOKafkaProducer.send_batch) == ["self", "batch", "topic", "partition"]
+    assert _params(BatchBuilder.append) == ["self", "timestamp", "key", "value", "headers"]
+    assert inspect.iscoroutinefunction(AIOKafkaProducer.send_offsets_to_transaction)
+    assert "_txn_manager" in inspect.getsource(AIOKafkaProducer.__init__)
