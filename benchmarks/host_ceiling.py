@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -43,7 +44,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from stream_app.devtools.kafka_local import free_port, local_kafka
 from stream_app.devtools.processes import exit_on_sigterm, terminate
@@ -139,34 +140,45 @@ async def _fill(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]], 
         await producer.stop()
 
 
-async def _end_offsets(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> int:
-    return int(sum((await consumer.end_offsets(tps)).values()))
-
-
 async def _follow(
-    bootstrap: str, topic: str, partitions: int, total: int, pids: list[int], timeout_s: float
-) -> list[tuple[float, int, int, int]]:
-    """Samples (time, outputs, main-thread ticks, process ticks) until ``total`` outputs or the timeout."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    bootstrap: str, topic: str, total: int, pids: list[int], timeout_s: float, sent: dict[str, float] | None = None
+) -> tuple[list[tuple[float, int, int, int]], list[float]]:
+    """Read ``topic`` (read_committed, as downstream consumers do) until ``total`` records arrived or the
+    timeout. Returns samples (time, outputs, main-thread ticks, process ticks) taken at every poll, and,
+    when ``sent`` maps message ids to their send times, each message's end-to-end latency in seconds."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+    )
     await consumer.start()
-    tps = [TopicPartition(topic, p) for p in range(partitions)]
     samples: list[tuple[float, int, int, int]] = []
+    latencies: list[float] = []
+    n = 0
     try:
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            n = await _end_offsets(consumer, tps)
+        while time.monotonic() < deadline and n < total:
+            got = await consumer.getmany(timeout_ms=50, max_records=10_000)
+            now = time.monotonic()
+            for records in got.values():
+                n += len(records)
+                if sent is not None:
+                    for r in records:
+                        t = sent.get(orjson.loads(r.value)["message_id"])
+                        if t is not None:
+                            latencies.append(time.time() - t)
             loop_ticks = proc_ticks = 0
             for pid in pids:
                 a, b = _cpu_ticks(pid)
                 loop_ticks += a
                 proc_ticks += b
-            samples.append((time.monotonic(), n, loop_ticks, proc_ticks))
-            if n >= total:
-                break
-            await asyncio.sleep(0.05)
+            samples.append((now, n, loop_ticks, proc_ticks))
     finally:
         await consumer.stop()
-    return samples
+    return samples, latencies
 
 
 def _window(
@@ -227,6 +239,24 @@ def _main_worktree(ref: str) -> Path:
     return folder
 
 
+# A variant's worker settings on top of the benchmark's (``name[-option...][2]``: 2 = two processes)
+OPTIONS: dict[str, dict[str, str]] = {
+    "conv": {"EMOTION_STREAM_CONVERSATIONS__ENABLED": "true"},
+    "eos": {"EMOTION_STREAM_WORKER__DELIVERY": "exactly_once"},
+    "cache": {"EMOTION_STREAM_CACHE__L1_ENABLED": "true", "EMOTION_STREAM_CACHE__L2_ENABLED": "true"},
+}
+
+
+def _parse(variant: str) -> tuple[str, dict[str, str], int]:
+    """``worker-eos2`` -> (``worker``, the eos settings, 2 processes)."""
+    n_proc = 2 if variant.endswith("2") else 1
+    base, *options = variant.rstrip("2").split("-")
+    env: dict[str, str] = {}
+    for option in options:
+        env.update(OPTIONS[option])
+    return base, env, n_proc
+
+
 def _run_variant(
     variant: str,
     rnd: int,
@@ -237,21 +267,17 @@ def _run_variant(
     main_ref: str | None,
     work: Path,
     extra_env: dict[str, str],
+    rate: float | None = None,
 ) -> Round:
     tag = uuid.uuid4().hex[:8]
-    topics = {
-        "input": f"bench.in.{tag}",
-        "events": f"bench.events.{tag}",
-        "metrics": f"bench.metrics.{tag}",
-        "dlq": f"bench.dlq.{tag}",
-    }
+    names = ("input", "events", "metrics", "dlq", "conversations", "alerts")
+    topics = {k: f"bench.{k}.{tag}" for k in names}
     asyncio.run(ensure_topics(bootstrap, list(topics.values()), partitions))
     group = f"bench-{variant}-{tag}"
     procs: list[subprocess.Popen[bytes]] = []
     logs: list[Path] = []
     ports: list[int] = []
-    n_proc = 2 if variant.endswith("2") else 1
-    base = variant.rstrip("2")
+    base, option_env, n_proc = _parse(variant)
     try:
         for i in range(n_proc):
             log = work / f"{variant}-{rnd}-{i}.log"
@@ -269,12 +295,16 @@ def _run_variant(
                 "EMOTION_STREAM_TOPICS__EVENTS": topics["events"],
                 "EMOTION_STREAM_TOPICS__METRICS": topics["metrics"],
                 "EMOTION_STREAM_TOPICS__DEAD_LETTERS": topics["dlq"],
+                "EMOTION_STREAM_TOPICS__CONVERSATIONS": topics["conversations"],
+                "EMOTION_STREAM_TOPICS__ALERTS": topics["alerts"],
                 "EMOTION_STREAM_TOPICS__PARTITIONS": str(partitions),
+                # the host path as issue 11 defines it: no result caches, no conversation state
                 "EMOTION_STREAM_CACHE__L1_ENABLED": "false",
                 "EMOTION_STREAM_CACHE__L2_ENABLED": "false",
                 "EMOTION_STREAM_CONVERSATIONS__ENABLED": "false",
                 "PYTHONUNBUFFERED": "1",
                 **extra_env,
+                **option_env,
             }
             if base == "reference":
                 cmd = [
@@ -297,6 +327,9 @@ def _run_variant(
             elif base == "main":
                 assert main_ref is not None
                 cwd = _main_worktree(main_ref)
+                for key in ("TOPICS__CONVERSATIONS", "TOPICS__ALERTS", "CONVERSATIONS__ENABLED"):  # unknown there
+                    env.pop(f"EMOTION_STREAM_{key}", None)
+                env.setdefault("EMOTION_STREAM_MODEL__PATH", resolve_model_path(load_settings()))
                 cmd = [sys.executable, "-m", "stream_app.cli", "worker"]
             else:
                 cmd = [sys.executable, str(HOST / "free_engine_worker.py")]
@@ -317,37 +350,69 @@ def _run_variant(
                     raise RuntimeError(f"{variant} did not get ready:\n" + logs[0].read_text(errors="replace")[-3000:])
                 time.sleep(0.2)
             time.sleep(1.0)
-        asyncio.run(_fill(bootstrap, topics["input"], records, partitions))
-        samples = asyncio.run(
-            _follow(bootstrap, topics["events"], partitions, len(records), [p.pid for p in procs], timeout_s=600)
+        sent: dict[str, float] | None = None
+        if rate is None:
+            asyncio.run(_fill(bootstrap, topics["input"], records, partitions))
+        else:
+            sent = {}
+            filler = threading.Thread(
+                target=_paced, args=(bootstrap, topics["input"], records, rate, sent), daemon=True
+            )
+            filler.start()
+        samples, latencies = asyncio.run(
+            _follow(bootstrap, topics["events"], len(records), [p.pid for p in procs], 600, sent)
         )
         if samples[-1][1] < len(records):
             raise RuntimeError(
                 f"{variant}: only {samples[-1][1]} of {len(records)} outputs:\n"
                 + logs[0].read_text(errors="replace")[-3000:]
             )
-        rate, loop_us, proc_us = _window(samples, len(records))
+        rate_s, loop_us, proc_us = _window(samples, len(records))
         load = os.getloadavg()[0]
     finally:
         for p in procs:
             terminate(p, 20)
     fill, capped = (None, None)
     if base != "reference":
-        fill, capped = _batch_fill(
-            bootstrap, topics["metrics"], int(extra_env.get("EMOTION_STREAM_BATCHING__MAX_BATCH_SIZE", "64"))
-        )
+        fill, capped = _batch_fill(bootstrap, topics["metrics"], 64)
+    extra: dict[str, Any] = {}
+    if latencies:
+        p50, p99 = statistics.quantiles(latencies, n=100)[49], statistics.quantiles(latencies, n=100)[98]
+        extra = {"latency_p50_ms": p50 * 1e3, "latency_p99_ms": p99 * 1e3, "offered_msgs_per_s": rate}
     return Round(
         variant,
         rnd,
         len(records),
-        rate,
+        rate_s,
         loop_us / n_proc if n_proc > 1 else loop_us,
         proc_us,
         load,
         fill,
         capped,
         n_proc,
+        extra,
     )
+
+
+def _paced(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]], rate: float, sent: dict[str, float]) -> None:
+    """Produce ``records`` at ``rate`` per second, noting each message's send time (wall clock)."""
+
+    async def run() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=0)
+        await producer.start()
+        try:
+            start = time.monotonic()
+            for n, (key, value) in enumerate(records):
+                delay = start + n / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                sent[orjson.loads(value)["message_id"]] = time.time()
+                await producer.send(topic, value=value, key=key)
+            await producer.flush()
+        finally:
+            await producer.stop()
+
+    asyncio.run(run())
 
 
 def _summary(rows: list[Round]) -> dict[str, dict[str, Any]]:
@@ -369,6 +434,10 @@ def _summary(rows: list[Round]) -> dict[str, dict[str, Any]]:
         if fills:
             out[variant]["mean_batch_size"] = stat(fills)
             out[variant]["batches_closed_on_cap"] = stat(caps)
+        for key in ("latency_p50_ms", "latency_p99_ms"):
+            values = [r.extra[key] for r in mine if key in r.extra]
+            if values:
+                out[variant][key] = stat(values)
     return out
 
 
@@ -376,7 +445,19 @@ def _summary(rows: list[Round]) -> dict[str, dict[str, Any]]:
 @click.option("--messages", type=int, default=30_000, show_default=True)
 @click.option("--rounds", type=int, default=3, show_default=True)
 @click.option("--partitions", type=int, default=4, show_default=True)
-@click.option("--variants", default="worker,reference", show_default=True, help="worker, worker2, reference, main")
+@click.option(
+    "--variants",
+    default="worker,reference",
+    show_default=True,
+    help="worker, reference or main, with options -conv (conversation state), -eos (exactly-once), -cache "
+    "(L1+L2), and a trailing 2 for two processes: e.g. worker,worker-eos,worker2",
+)
+@click.option(
+    "--rate",
+    type=float,
+    default=None,
+    help="Latency mode: produce the messages at this rate (msg/s) and report end-to-end latency percentiles",
+)
 @click.option("--engine", type=click.Choice(["free", "real"]), default="free", show_default=True)
 @click.option("--main-ref", default=None, help="git revision whose worker is the 'main' variant")
 @click.option("--env", "env_pairs", multiple=True, help="KEY=VALUE worker setting for every variant")
@@ -389,6 +470,7 @@ def main(
     engine: str,
     main_ref: str | None,
     env_pairs: tuple[str, ...],
+    rate: float | None,
     out: Path | None,
 ) -> None:
     exit_on_sigterm()
@@ -404,13 +486,22 @@ def main(
                 order = names if rnd % 2 == 0 else list(reversed(names))
                 for variant in order:
                     row = _run_variant(
-                        variant, rnd, kafka.bootstrap_servers, records, partitions, engine, main_ref, work, extra_env
+                        variant,
+                        rnd,
+                        kafka.bootstrap_servers,
+                        records,
+                        partitions,
+                        engine,
+                        main_ref,
+                        work,
+                        extra_env,
+                        rate,
                     )
                     rows.append(row)
                     print(
                         f"round {rnd} {variant:10s} {row.msgs_per_s:8.0f} msg/s  loop {row.loop_cpu_us_per_msg:6.1f} "
                         f"us/msg  process {row.process_cpu_us_per_msg:6.1f} us/msg  fill {row.mean_batch_size} "
-                        f"load {row.load_1m:.2f}",
+                        f"load {row.load_1m:.2f} {row.extra}",
                         flush=True,
                     )
     finally:
@@ -425,8 +516,14 @@ def main(
             f"{s['loop_cpu_us_per_msg']['median']:8.1f}      {s['process_cpu_us_per_msg']['median']:8.1f}      "
             f"{fill if fill is None else round(fill, 1)!s:>8}   {s['load_1m']['median']:.2f}"
         )
+        if "latency_p50_ms" in s:
+            p50, p99 = s["latency_p50_ms"], s["latency_p99_ms"]
+            print(
+                f"{'':10s} end-to-end p50 {p50['median']:.1f} ms ({p50['min']:.1f}-{p50['max']:.1f}), "
+                f"p99 {p99['median']:.1f} ms ({p99['min']:.1f}-{p99['max']:.1f})"
+            )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    target = out or RESULTS / f"host-ceiling-{engine}.json"
+    target = out or RESULTS / (f"host-ceiling-{engine}.json" if rate is None else f"latency-{engine}-{rate:g}.json")
     target.write_text(
         json.dumps(
             {
@@ -435,6 +532,7 @@ def main(
                 "partitions": partitions,
                 "engine": engine,
                 "main_ref": main_ref,
+                "rate": rate,
                 "env": extra_env,
                 "cpus": os.cpu_count(),
                 "summary": summary,
