@@ -368,17 +368,17 @@ WIRE_EDITS: list[tuple[str, Callable[[bytes], bytes], str | dict[str, Any] | Non
 ]  # fmt: skip
 
 
-def _headers(c: Chooser) -> tuple[tuple[str, bytes | None], ...]:
+def gen_headers(c: Chooser) -> tuple[tuple[str, bytes | None], ...]:
     if c.integer(0, 2):
         return ()
     return tuple((c.pick(HEADER_NAMES), c.pick(HEADER_VALUES)) for _ in range(c.integer(1, 5)))
 
 
-def _key(c: Chooser, doc: dict[str, Any] | None) -> bytes | None:
+def _key(c: Chooser, doc: dict[str, Any] | None, heavy: bool = True) -> bytes | None:
     if c.integer(0, 3) and doc is not None and isinstance(doc.get("conversation_id"), str):
         conv: str = doc["conversation_id"]
         return conv.encode("utf-8", "surrogatepass")
-    if c.integer(0, 40) == 0:
+    if heavy and c.integer(0, 40) == 0:
         return SWAPPED_KEY
     return c.pick(KEYS)
 
@@ -400,14 +400,21 @@ def _sized(c: Chooser, limit: int) -> FuzzInput:
     return FuzzInput("size", b"c-size", value, expect="event", doc=doc)
 
 
-def gen_input(c: Chooser, *, texts: Sequence[str] = (), max_message_bytes: int = 262_144) -> FuzzInput:
-    """One record of a mixed stream: mostly documents (valid or not), plus every kind of breakage."""
-    kind = c.pick(["doc"] * 14 + ["wire", "wire", "non-object", "garbage", "tombstone", "size", "swapped"])
-    headers = _headers(c)
+def gen_input(
+    c: Chooser, *, texts: Sequence[str] = (), max_message_bytes: int = 262_144, heavy_every: int = 1
+) -> FuzzInput:
+    """One record of a mixed stream: mostly documents (valid or not), plus every kind of breakage.
+
+    ``heavy_every``: the records of hundreds of kilobytes (the ``size`` kind, swapped keys) come that many
+    times less often (a stream of thousands over a real broker needs them, but not one in twenty).
+    """
+    heavy = heavy_every <= 1 or c.integer(1, heavy_every) == 1
+    kind = c.pick(["doc"] * 14 + ["wire", "wire", "non-object", "garbage", "tombstone"] + ["size", "swapped"] * heavy)
+    headers = gen_headers(c)
     if kind == "doc":
         doc = _document(c, texts)
         value = _encode(c, doc)
-        return FuzzInput(kind, _key(c, doc), value, headers, expect=contract_verdict(doc), doc=doc)
+        return FuzzInput(kind, _key(c, doc, heavy), value, headers, expect=contract_verdict(doc), doc=doc)
     if kind == "wire":
         doc = _document(c, texts)
         raw = _encode(c, doc)
@@ -417,11 +424,11 @@ def gen_input(c: Chooser, *, texts: Sequence[str] = (), max_message_bytes: int =
         if isinstance(effect, dict):
             doc = {**doc, **effect}
         expect = "undecodable" if broken else effect if isinstance(effect, str) else contract_verdict(doc)
-        return FuzzInput(f"wire:{name}", _key(c, doc), value, headers, expect=expect, doc=doc)
+        return FuzzInput(f"wire:{name}", _key(c, doc, heavy), value, headers, expect=expect, doc=doc)
     if kind == "non-object":
-        return FuzzInput(kind, _key(c, None), c.pick(NON_OBJECT), headers, expect="schema")
+        return FuzzInput(kind, _key(c, None, heavy), c.pick(NON_OBJECT), headers, expect="schema")
     if kind == "garbage":
-        return FuzzInput(kind, _key(c, None), c.pick(GARBAGE), headers, expect="undecodable")
+        return FuzzInput(kind, _key(c, None, heavy), c.pick(GARBAGE), headers, expect="undecodable")
     if kind == "tombstone":
         return FuzzInput(kind, c.pick(KEYS[1:]), None, headers, expect="undecodable")
     if kind == "size":
@@ -455,6 +462,52 @@ def expected_outcome(
     if token_truncated is not None and token_truncated(text):
         return "text_too_long"
     return "event"
+
+
+# ------------------------------------------------------------------------------------------------ named
+def _doc(**fields: Any) -> dict[str, Any]:
+    return {"message_id": "m", "conversation_id": "c", "user_id": "u", "text": "hi", "sent_at": "2026-01-01T00:00:00Z",
+            **fields}  # fmt: skip
+
+
+def _named(kind: str, doc: dict[str, Any], key: bytes | None = b"c", **kw: Any) -> FuzzInput:
+    return FuzzInput(
+        kind, key, json.dumps(doc, ensure_ascii=False).encode(), expect=contract_verdict(doc), doc=doc, **kw
+    )
+
+
+def named_extremes() -> list[FuzzInput]:
+    """Issue 15's kinds by name: values at every edge the output path meets, a swapped key, odd headers."""
+    emoji_256 = "\U0001f600" * 256
+    return [
+        _named("ids at 256 four-byte characters",
+               _doc(message_id=emoji_256, conversation_id=emoji_256, user_id=emoji_256), key=emoji_256.encode()),
+        _named("ids at 256 U+10FFFF", _doc(message_id="\U0010ffff" * 256, conversation_id="\U0010ffff" * 256)),
+        _named("id at 257 characters", _doc(conversation_id="a" * 257)),
+        _named("ids of NUL and controls", _doc(message_id="\x00", conversation_id="\x00\x01\x1f\x7f", user_id="\n")),
+        _named("year 0001 east of UTC", _doc(sent_at="0001-01-01T00:00:00.999999999+23:59")),
+        _named("year 9999 west of UTC", _doc(sent_at="9999-12-31t23:59:59.999999999999999999-23:59")),
+        _named("lower-case t and z, 30 fraction digits", _doc(sent_at="2026-11-30t10:00:00." + "9" * 30 + "z")),
+        _named("leap day 2000", _doc(sent_at="2000-02-29T12:00:00-00:00")),
+        _named("leap second", _doc(sent_at="2016-12-31T23:59:60Z")),
+        _named("text of 20,000 emoji", _doc(text="\U0001f469\u200d\U0001f4bb" * 6_667)),
+        _named("text of 20,000 combining marks", _doc(text="e" + "\u0301" * 19_999)),
+        _named("text RTL override and NUL", _doc(text="\u202eabc\x00\u05d0\u0627")),
+        _named("text of one noncharacter", _doc(text="\uffff")),
+        _named("text of U+FEFF only", _doc(text="\ufeff\ufeff")),
+        _named("text of U+001C only", _doc(text="\x1c")),
+        _named("traceparent all zeros", _doc(traceparent="00-" + "0" * 32 + "-" + "0" * 16 + "-00")),
+        _named("huge member name", _doc(**{"k" * 200_000: 1})),
+        _named("huge integer extra", _doc(n=2**70)),
+        FuzzInput("tombstone with a 1,025-byte key", b"k" * 1025, None, expect="undecodable"),
+        FuzzInput("swapped key and value (issue 15)", SWAPPED_KEY, b"conv-demo-3", expect="undecodable"),
+        FuzzInput("odd headers", b"c", orjson.dumps(_doc()), expect="event", doc=_doc(),
+                  headers=(("traceparent", TRACEPARENT_OK.encode()), ("traceparent", None), ("", b"\xff" * 5000),
+                           ("tracestate", TRACESTATE_LONG), ("\x00", None))),
+        FuzzInput("a valid traceparent header with a 10 kB tracestate", b"c", orjson.dumps(_doc()), expect="event",
+                  doc=_doc(),
+                  headers=(("traceparent", TRACEPARENT_OK.encode()), ("tracestate", b"a=" + b"b" * 10_000))),
+    ]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ checks

@@ -18,7 +18,6 @@ longer local run (default 300, about 25 s on 2 cores).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -49,9 +48,6 @@ from stream_app.records import DEFAULT_MAX_RECORD_BYTES, MIN_MAX_RECORD_BYTES
 from stream_app.settings import Settings, load_settings
 from tests.fuzzing import (
     STAGE,
-    SWAPPED_KEY,
-    TRACEPARENT_OK,
-    TRACESTATE_LONG,
     DrawChooser,
     FuzzInput,
     Output,
@@ -59,6 +55,7 @@ from tests.fuzzing import (
     check_outputs,
     expected_outcome,
     gen_input,
+    named_extremes,
 )
 from tests.unit.core.fakes import DictL2, Rec
 
@@ -354,48 +351,7 @@ def test_every_generated_input_gets_exactly_one_valid_output_that_fits(
     assert tally.cache_levels["none"] and (tally.cache_levels["l1"] + tally.cache_levels["l2"]), tally.line()
 
 
-def _doc(**fields: Any) -> dict[str, Any]:
-    return {"message_id": "m", "conversation_id": "c", "user_id": "u", "text": "hi", "sent_at": "2026-01-01T00:00:00Z",
-            **fields}  # fmt: skip
-
-
-def _named(kind: str, doc: dict[str, Any], key: bytes | None = b"c", **kw: Any) -> FuzzInput:
-    from tests.fuzzing import contract_verdict
-
-    return FuzzInput(
-        kind, key, json.dumps(doc, ensure_ascii=False).encode(), expect=contract_verdict(doc), doc=doc, **kw
-    )
-
-
-EMOJI_256 = "\U0001f600" * 256
-NAMED: list[FuzzInput] = [
-    _named("ids at 256 four-byte characters", _doc(message_id=EMOJI_256, conversation_id=EMOJI_256, user_id=EMOJI_256),
-           key=EMOJI_256.encode()),
-    _named("ids at 256 U+10FFFF", _doc(message_id="\U0010ffff" * 256, conversation_id="\U0010ffff" * 256)),
-    _named("id at 257 characters", _doc(conversation_id="a" * 257)),
-    _named("ids of NUL and controls", _doc(message_id="\x00", conversation_id="\x00\x01\x1f\x7f", user_id="\n")),
-    _named("year 0001 east of UTC", _doc(sent_at="0001-01-01T00:00:00.999999999+23:59")),
-    _named("year 9999 west of UTC", _doc(sent_at="9999-12-31t23:59:59.999999999999999999-23:59")),
-    _named("lower-case t and z, 30 fraction digits", _doc(sent_at="2026-11-30t10:00:00." + "9" * 30 + "z")),
-    _named("leap day 2000", _doc(sent_at="2000-02-29T12:00:00-00:00")),
-    _named("leap second", _doc(sent_at="2016-12-31T23:59:60Z")),
-    _named("text of 20,000 emoji", _doc(text="\U0001f469\u200d\U0001f4bb" * 6_667)),
-    _named("text of 20,000 combining marks", _doc(text="e" + "\u0301" * 19_999)),
-    _named("text RTL override and NUL", _doc(text="\u202eabc\x00\u05d0\u0627")),
-    _named("text of one noncharacter", _doc(text="\uffff")),
-    _named("text of U+FEFF only", _doc(text="\ufeff\ufeff")),
-    _named("text of U+001C only", _doc(text="\x1c")),
-    _named("traceparent all zeros", _doc(traceparent="00-" + "0" * 32 + "-" + "0" * 16 + "-00")),
-    _named("huge member name", _doc(**{"k" * 200_000: 1})),
-    _named("huge integer extra", _doc(n=2**70)),
-    FuzzInput("tombstone with a 1,025-byte key", b"k" * 1025, None, expect="undecodable"),
-    FuzzInput("swapped key and value (issue 15)", SWAPPED_KEY, b"conv-demo-3", expect="undecodable"),
-    FuzzInput("odd headers", b"c", orjson.dumps(_doc()), expect="event", doc=_doc(),
-              headers=(("traceparent", TRACEPARENT_OK.encode()), ("traceparent", None), ("", b"\xff" * 5000),
-                       ("tracestate", TRACESTATE_LONG), ("\x00", None))),
-    FuzzInput("a valid traceparent header with a 10 kB tracestate", b"c", orjson.dumps(_doc()), expect="event",
-              doc=_doc(), headers=(("traceparent", TRACEPARENT_OK.encode()), ("tracestate", b"a=" + b"b" * 10_000))),
-]  # fmt: skip
+NAMED = named_extremes()
 
 
 @pytest.mark.parametrize("max_record_bytes", [MIN_MAX_RECORD_BYTES, DEFAULT_MAX_RECORD_BYTES])
