@@ -241,6 +241,15 @@ class Classifier:
                     continue
                 groups[key] = [s]
             leaders.append(s)
+        if not leaders:
+            return
+        suspects = [s for s in leaders if s.isolate]
+        if suspects:
+            # A suspect (in native code at an earlier crash) is tokenised alone, as it is inferred alone: if
+            # the tokenizer is what kills the process, only the suspect gets the strike, not its chunk.
+            leaders = [s for s in leaders if not s.isolate]
+            for s in suspects:
+                self._spawn(self._tokenize([s]), "classifier-tokenize")
         if leaders:
             self._spawn(self._tokenize(leaders), "classifier-tokenize")
 
@@ -359,11 +368,19 @@ class Classifier:
         ledger = self.ledger
         token = ledger.begin(_coords(leaders)) if ledger is not None else None
         encoded = [s.encoded for s in leaders]
-        probs = np.asarray(predict_split(self.engine, self.encoder.pad(encoded), self._on_oom))  # type: ignore[arg-type]
-        if probs.shape != (len(leaders), len(self.engine.labels)):
-            raise EngineError(f"the engine returned shape {probs.shape} for {len(leaders)} rows")
-        if not (np.isfinite(probs).all() and (probs >= 0.0).all() and (probs <= 1.0).all()):
-            raise EngineError("the engine returned scores that are not probabilities (NaN, infinite or out of 0..1)")
+        try:
+            probs = np.asarray(predict_split(self.engine, self.encoder.pad(encoded), self._on_oom))  # type: ignore[arg-type]
+            if probs.shape != (len(leaders), len(self.engine.labels)):
+                raise EngineError(f"the engine returned shape {probs.shape} for {len(leaders)} rows")
+            if not (np.isfinite(probs).all() and (probs >= 0.0).all() and (probs <= 1.0).all()):
+                raise EngineError(
+                    "the engine returned scores that are not probabilities (NaN, infinite or out of 0..1)"
+                )
+        except BaseException:
+            # an exception is not a crash: these records are out of native code (their strikes stay)
+            if ledger is not None and token is not None:
+                ledger.end(token)
+            raise
         rows: list[list[float]] = probs.tolist()
         labels: list[int] = probs.argmax(axis=1).tolist()
         if ledger is not None and token is not None:
