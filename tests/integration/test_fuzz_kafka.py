@@ -6,10 +6,12 @@ breakage, tombstones, non-JSON bytes, values at the ``max_message_bytes`` bounda
 records of hundreds of kilobytes twenty times rarer than in the unit suite). By source coordinates:
 inputs = events + dead letters, with the reason the contract predicts, nothing missing, nothing extra;
 every output validates and fits the producer limit; the worker never exits.
+``EMOTION_STREAM_FUZZ_SEED`` and ``EMOTION_STREAM_FUZZ_KAFKA_INPUTS`` change the mix and its size locally.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,8 @@ from tests.integration.outcomes import ToSend, metric, produce, read_outputs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-N = 10_000
-SEED = 15
+N = int(os.environ.get("EMOTION_STREAM_FUZZ_KAFKA_INPUTS", "10000"))
+SEED = int(os.environ.get("EMOTION_STREAM_FUZZ_SEED", "15"))  # another seed explores another mix
 MAX_MESSAGE_BYTES = 262_144  # the worker's defaults
 MAX_TEXT_CHARS = 10_000
 MAX_RECORD_BYTES = 1_048_576
