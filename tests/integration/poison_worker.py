@@ -4,6 +4,7 @@ Everything is the product's own code except the engine, which wraps the real one
 tokens of ``EMOTION_STREAM_TEST_POISON_MARKER`` makes it call ``os.abort()`` (SIGABRT, as a crash inside
 ONNX Runtime or the tokenizer would end the process: no exception, no shutdown hook, no commit). With
 ``EMOTION_STREAM_TEST_POISON_STAGE=tokenize`` the tokenizer aborts instead, on a text holding the marker.
+``EMOTION_STREAM_TEST_SLOW_LOAD_S`` makes the model take that much longer to load.
 Injected the way ``benchmarks/host/free_engine_worker.py`` injects its engine: by replacing
 ``stream_app.worker.run.build_runtime`` before the worker starts.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 import resource
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from stream_app.settings import Settings
 
 MARKER = os.environ.get("EMOTION_STREAM_TEST_POISON_MARKER", "")
 STAGE = os.environ.get("EMOTION_STREAM_TEST_POISON_STAGE", "infer")
+SLOW_LOAD_S = float(os.environ.get("EMOTION_STREAM_TEST_SLOW_LOAD_S", "0"))
 
 
 class PoisonEngine:
@@ -83,9 +86,13 @@ class PoisonEncoder:
 def poisoned_runtime(settings: Settings, metrics: Metrics | None = None) -> object:
     from stream_app.service import build_runtime
 
+    if SLOW_LOAD_S:  # a model that takes this long to load (a large checkpoint, a slow device or download)
+        time.sleep(SLOW_LOAD_S)
     runtime = build_runtime(settings, metrics)
     # the marker's own word pieces, without [CLS] and [SEP]
     ids = runtime.encoder.encode([MARKER])[0].input_ids[1:-1]
+    if not MARKER:
+        return runtime
     if STAGE == "tokenize":
         runtime.encoder = PoisonEncoder(runtime.encoder)  # type: ignore[assignment]
     else:
@@ -94,8 +101,8 @@ def poisoned_runtime(settings: Settings, metrics: Metrics | None = None) -> obje
 
 
 if __name__ == "__main__":
-    if not MARKER:
-        raise SystemExit("set EMOTION_STREAM_TEST_POISON_MARKER")
+    if not MARKER and not SLOW_LOAD_S:
+        raise SystemExit("set EMOTION_STREAM_TEST_POISON_MARKER (or EMOTION_STREAM_TEST_SLOW_LOAD_S)")
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file per crash
     import stream_app.worker.run as run
 
