@@ -14,12 +14,13 @@ import json
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from stream_app.core.crash_ledger import CrashLedger
 from stream_app.inference.tokenize import Encoded
-from tests.unit.core.fakes import FakeEncoder, ListSink, Rec, build, raw
+from tests.unit.core.fakes import FakeEncoder, FakeEngine, ListSink, Rec, build, raw
 
 pytestmark = pytest.mark.unit
 
@@ -84,3 +85,69 @@ async def test_a_batch_whose_inference_raised_is_no_longer_in_flight(tmp_path: P
     finally:
         await p.stop()
     assert CrashLedger(path).has_suspects is False
+
+
+class StallingEngine(FakeEngine):
+    """Blocks inside ``predict`` on a batch of ``stall_rows`` rows until released (0: never blocks)."""
+
+    def __init__(self, stall_rows: int) -> None:
+        super().__init__()
+        self.stall_rows = stall_rows
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def predict(self, batch: Any) -> Any:
+        if batch.size == self.stall_rows:
+            self.entered.set()
+            self.release.wait(10)
+        return super().predict(batch)
+
+
+async def test_a_suspects_tokenisation_waits_for_running_batches(tmp_path: Path) -> None:
+    """While a suspect is in the tokenizer, no batch is in the engine (a crash then strikes only it)."""
+    path = tmp_path / "ledger.json"
+    path.write_text(json.dumps({"in_flight": [], "strikes": [["in", 1, 0, 1]]}))
+    encoder = StallingEncoder()
+    engine = StallingEngine(stall_rows=3)
+    p = build(ListSink(), encoder=encoder, engine=engine, ledger=CrashLedger(path, max_strikes=3), l1=False)
+    await p.start()
+    try:
+        await p.feed("in", {0: [Rec(o, raw(o, f"innocent text {o}")) for o in range(3)]})
+        assert await asyncio.to_thread(engine.entered.wait, 5)  # a batch of three is in the engine
+        await p.feed("in", {1: [Rec(0, raw(100, "stall here"))]})  # the suspect arrives
+        await asyncio.sleep(0.2)
+        assert not encoder.entered.is_set(), "the suspect was tokenised while a batch was in the engine"
+        engine.release.set()
+        assert await asyncio.to_thread(encoder.entered.wait, 5)
+        assert _in_flight(path) == [["in", 1, 0, 0]]
+        encoder.release.set()
+        assert await p.drain(5)
+    finally:
+        engine.release.set()
+        encoder.release.set()
+        await p.stop()
+
+
+async def test_a_suspects_inference_keeps_other_chunks_out_of_the_tokenizer(tmp_path: Path) -> None:
+    """While a suspect is in the engine, no other text is in the tokenizer."""
+    path = tmp_path / "ledger.json"
+    path.write_text(json.dumps({"in_flight": [], "strikes": [["in", 0, 0, 1]]}))
+    encoder = StallingEncoder()
+    engine = StallingEngine(stall_rows=1)
+    p = build(ListSink(), encoder=encoder, engine=engine, ledger=CrashLedger(path, max_strikes=3), l1=False)
+    await p.start()
+    try:
+        await p.feed("in", {0: [Rec(0, raw(0, "the suspect"))]})
+        assert await asyncio.to_thread(engine.entered.wait, 5)  # the suspect is in the engine, alone
+        encoder.release.set()  # (the next text would stall the tokenizer only if it got there)
+        await p.feed("in", {1: [Rec(0, raw(1, "stall here please")), Rec(1, raw(2, "and this"))]})
+        await asyncio.sleep(0.2)
+        assert not encoder.entered.is_set(), "another chunk was tokenised while the suspect was in the engine"
+        assert _in_flight(path) == [["in", 0, 0, 0]]
+        engine.release.set()
+        assert await p.drain(5)
+        assert encoder.entered.is_set()
+    finally:
+        engine.release.set()
+        encoder.release.set()
+        await p.stop()
