@@ -3,8 +3,9 @@
 Found by the fuzz work (tests/integration/test_robustness_kafka.py, a tokenizer that aborts on one text):
 a suspect was isolated for inference but tokenised with its whole chunk, so a crash in the tokenizer
 struck every record of the chunk and, after ``max_strikes`` crashes, all of them were dead-lettered as
-``crash_loop``. And a batch whose inference raised (a Python exception, not a crash) stayed "in native
-code" in the ledger for the life of the process.
+``crash_loop``. Tokenised alone, its call still overlapped a batch in the engine (and its lone inference
+overlapped other chunks in the tokenizer): those records were struck too. And a batch whose inference
+raised (a Python exception, not a crash) stayed "in native code" in the ledger for the life of the process.
 """
 
 from __future__ import annotations
