@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -114,6 +114,52 @@ def _coords(slots: Sequence[Slot]) -> list[Coordinates]:
     return [(s.chunk.topic, s.lane.partition, s.offset) for s in slots]
 
 
+class _NativeGate:
+    """Native work (tokenizer and engine calls) runs concurrently, except a suspect's, which runs alone.
+
+    A suspect was in native code when the process died. If it kills the process again, the crash ledger
+    must find it alone in flight: records tokenised or inferred at the same moment would get a strike too,
+    and at ``max_strikes`` be dead-lettered with it. Exclusive work waiting goes first: no shared work
+    starts meanwhile. All of it runs on the event loop (no lock needed between the checks).
+    """
+
+    def __init__(self) -> None:
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+        self._changed = asyncio.Event()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def _until(self, ready: Callable[[], bool]) -> None:
+        while not ready():
+            await self._changed.wait()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, exclusive: bool) -> AsyncIterator[None]:
+        if exclusive:
+            self._waiting += 1
+            try:
+                await self._until(lambda: not self._exclusive and self._shared == 0)
+            finally:
+                self._waiting -= 1
+                self._notify()
+            self._exclusive = True
+        else:
+            await self._until(lambda: not self._exclusive and self._waiting == 0)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            if exclusive:
+                self._exclusive = False
+            else:
+                self._shared -= 1
+            self._notify()
+
+
 class Classifier:
     """Tokenise, batch and infer slots; hand results back through ``on_done``.
 
@@ -169,6 +215,7 @@ class Classifier:
             target_s=config.target_batch_s,
         )
         self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        self._gate = _NativeGate()
         self._infer_pool = ThreadPoolExecutor(config.concurrent_batches, thread_name_prefix="infer")
         # texts being inferred right now (or queued): later duplicates wait for the same answer
         self._groups: dict[bytes, list[Slot]] = {}
@@ -247,13 +294,23 @@ class Classifier:
                     continue
                 groups[key] = [s]
             leaders.append(s)
+        if not leaders:
+            return
+        suspects = [s for s in leaders if s.isolate]
+        if suspects:
+            # A suspect (in native code at an earlier crash) is tokenised alone, as it is inferred alone: if
+            # the tokenizer is what kills the process, only the suspect gets the strike, not its chunk.
+            leaders = [s for s in leaders if not s.isolate]
+            for s in suspects:
+                self._spawn(self._tokenize([s]), "classifier-tokenize")
         if leaders:
             self._spawn(self._tokenize(leaders), "classifier-tokenize")
 
     async def _tokenize(self, leaders: list[Slot]) -> None:
         assert self._loop is not None
         t0 = self.clock()
-        encoded = await self._loop.run_in_executor(self._tokenize_pool, self._encode_in_thread, leaders)
+        async with self._gate.hold(exclusive=any(s.isolate for s in leaders)):
+            encoded = await self._loop.run_in_executor(self._tokenize_pool, self._encode_in_thread, leaders)
         spent = self.clock() - t0
         self.metrics.stage_seconds.labels("tokenize").observe(spent)
         now = self.clock()
@@ -342,7 +399,8 @@ class Classifier:
             self.metrics.queue_wait_seconds.observe(max(0.0, queue_wait))
             t0 = self.clock()
             try:
-                rows, labels = await self._loop.run_in_executor(self._infer_pool, self._infer_in_thread, leaders)
+                async with self._gate.hold(exclusive=any(s.isolate for s in leaders)):
+                    rows, labels = await self._loop.run_in_executor(self._infer_pool, self._infer_in_thread, leaders)
             except DeviceOutOfMemoryError as exc:
                 raise InfrastructureError(f"one message does not fit on the device: {exc}") from exc
             except Exception as exc:  # noqa: BLE001 -- a failing batch is retried row by row below
@@ -367,11 +425,19 @@ class Classifier:
         ledger = self.ledger
         token = ledger.begin(_coords(leaders)) if ledger is not None else None
         encoded = [s.encoded for s in leaders]
-        probs = np.asarray(predict_split(self.engine, self.encoder.pad(encoded), self._on_oom))  # type: ignore[arg-type]
-        if probs.shape != (len(leaders), len(self.engine.labels)):
-            raise EngineError(f"the engine returned shape {probs.shape} for {len(leaders)} rows")
-        if not (np.isfinite(probs).all() and (probs >= 0.0).all() and (probs <= 1.0).all()):
-            raise EngineError("the engine returned scores that are not probabilities (NaN, infinite or out of 0..1)")
+        try:
+            probs = np.asarray(predict_split(self.engine, self.encoder.pad(encoded), self._on_oom))  # type: ignore[arg-type]
+            if probs.shape != (len(leaders), len(self.engine.labels)):
+                raise EngineError(f"the engine returned shape {probs.shape} for {len(leaders)} rows")
+            if not (np.isfinite(probs).all() and (probs >= 0.0).all() and (probs <= 1.0).all()):
+                raise EngineError(
+                    "the engine returned scores that are not probabilities (NaN, infinite or out of 0..1)"
+                )
+        except BaseException:
+            # an exception is not a crash: these records are out of native code (their strikes stay)
+            if ledger is not None and token is not None:
+                ledger.end(token)
+            raise
         rows: list[list[float]] = probs.tolist()
         labels: list[int] = probs.argmax(axis=1).tolist()
         if ledger is not None and token is not None:
@@ -385,7 +451,8 @@ class Classifier:
         _log.warning("batch of %d failed (%r); retrying one by one", len(leaders), error)
         for s in leaders:
             try:
-                rows, labels = await self._loop.run_in_executor(self._infer_pool, self._infer_in_thread, [s])
+                async with self._gate.hold(exclusive=s.isolate):
+                    rows, labels = await self._loop.run_in_executor(self._infer_pool, self._infer_in_thread, [s])
             except DeviceOutOfMemoryError as exc:
                 raise InfrastructureError(f"one message does not fit on the device: {exc}") from exc
             except Exception as exc:

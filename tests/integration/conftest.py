@@ -157,9 +157,7 @@ class Worker:
 
 
 @pytest.fixture
-def spawn_worker(
-    kafka: LocalKafka, model_path: str, tmp_path: Path
-) -> Iterator[object]:
+def spawn_worker(kafka: LocalKafka, model_path: str, tmp_path: Path) -> Iterator[object]:
     """Factory: ``spawn_worker(topics, name=..., **env overrides)`` -> a started :class:`Worker`."""
     workers: list[Worker] = []
     app_id = f"emotion-test-{uuid.uuid4().hex[:8]}"
