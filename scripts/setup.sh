@@ -15,18 +15,26 @@ mkdir -p "$CACHE"
 
 # the venv is keyed by everything that decides its content
 key=$(cat constraints.txt pyproject.toml | sha256sum | cut -c1-12)
-VENV="$CACHE/venv-$key"
+VENV="$CACHE/venv-$key"   # the dependencies only, shared by every checkout with the same pins
 if [ ! -f "$VENV/.complete" ]; then
   echo "==> creating $VENV (PyTorch and friends: a few GB, once)"
   rm -rf "$VENV"
   "$PY" -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade "pip>=24"
   "$VENV/bin/pip" install -q -c constraints.txt -e ".[dev]"
+  "$VENV/bin/pip" uninstall -q -y emotion-stream   # keep the deps; each checkout installs itself below
   touch "$VENV/.complete"
 fi
-# the project itself is installed editable from this checkout (cheap; repoints a shared venv)
-"$VENV/bin/pip" install -q --no-deps --no-build-isolation -e . >/dev/null
-ln -sfn "$VENV" .venv
+# .venv is this checkout's own small venv layered over the shared one (a .pth adds the shared
+# site-packages), with this checkout installed editable: two clones never repoint each other's code.
+SITE="lib/python3.11/site-packages"
+if [ -L .venv ] || [ ! -f .venv/.base ] || [ "$(cat .venv/.base)" != "$VENV" ]; then
+  rm -rf .venv
+  "$PY" -m venv --without-pip .venv
+  echo "import site; site.addsitedir('$VENV/$SITE')" >".venv/$SITE/zz_emotion_stream_deps.pth"
+  echo "$VENV" >.venv/.base
+fi
+.venv/bin/python -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
 
 echo "==> Apache Kafka jars"
 .venv/bin/python -c 'from stream_app.devtools.kafka_local import ensure_kafka_libs; from stream_app.settings import load_settings; print(ensure_kafka_libs(load_settings().data.cache_dir))'

@@ -3,7 +3,7 @@
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -m unit`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-.venv/bin/ruff check .
-.venv/bin/ruff format --check stream_app
-.venv/bin/mypy
+.venv/bin/python -m ruff check .
+.venv/bin/python -m ruff format --check stream_app
+.venv/bin/python -m mypy
 .venv/bin/python -m pytest "$@"
