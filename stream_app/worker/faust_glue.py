@@ -21,6 +21,7 @@ against the installed versions so that an upgrade fails loudly instead of silent
   ``_metadata`` and ``client.force_metadata_update``;
 * the assignor's ``_tps_url`` (which worker's ``canonical_url`` holds a table partition);
 * mode's ``Worker._schedule_shutdown`` (signals) for the bounded stop;
+* aiokafka's fetcher looks up ``MemoryRecords`` per fetch response (``tolerant_records``);
 * the recovery service's ``in_recovery``, ``active_highwaters`` and ``active_offsets`` and the table
   manager's ``changelog_queue`` (recovery over transactional changelogs).
 """
@@ -43,6 +44,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
 from stream_app.core.slots import RecordLike
+from stream_app.worker import tolerant_records
 
 __all__ = [
     "ChunkHandler",
@@ -150,6 +152,7 @@ class EmotionApp(faust.App):
     early_tasks: list[Callable[[], Awaitable[None]]]
 
     def _new_transport(self) -> Any:
+        tolerant_records.install()  # a header name that is not UTF-8 must not kill the fetcher
         return EmotionTransport(self.conf.broker_consumer, self)
 
     async def on_start(self) -> None:

@@ -8,9 +8,9 @@ in a two-worker group under a restarting supervisor: set aside as ``crash_loop``
 ``MAX_RECORD_CRASHES`` crashes while its neighbours get events.
 
 Beyond the issue's examples, found while writing these: garbled local RocksDB files (discarded and rebuilt
-from the changelog); a lost broker stops a running worker non-zero in bounded time. Three kinds still stop
-or hang the worker and are marked ``xfail(strict=True)`` until fixed (each says where): a header name that
-is not UTF-8; a broker lost before table recovery completes; SIGTERM while the model is still loading.
+from the changelog); a lost broker stops a running worker non-zero in bounded time, also when it is lost
+before table recovery completes; SIGTERM while the model is still loading exits within the shutdown
+timeout; a header name that is not UTF-8 is one record's business.
 """
 
 from __future__ import annotations
@@ -333,11 +333,6 @@ def test_with_the_broker_gone_past_its_bound_the_worker_stops_itself_non_zero(
     print(f"\nbroker lost while running: exit {code} after {took:.1f} s (bound {LOST_BROKER_EXIT_BOUND_S:.0f} s)")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Faust starts app timers only once table recovery completed, so a broker lost before that "
-    "never trips the unavailable_timeout_s check (_broker_tick): the worker waits for the broker forever",
-)
 def test_with_the_broker_lost_before_table_recovery_the_worker_still_stops_itself(
     own_kafka: LocalKafka, spawn_worker: Any
 ) -> None:
@@ -368,11 +363,6 @@ def _script_env(kafka: Any, model_path: str, topics: Topics, tmp_path: Path, nam
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: run_worker cancels the watchdog once Faust returned, then leaves its ThreadPoolExecutor block, "
-    "which waits for the model load to finish (a minute here): the stop is bounded by the load, not the setting",
-)
 def test_sigterm_while_the_model_loads_exits_within_the_shutdown_timeout(
     kafka: Any, model_path: str, tmp_path: Path
 ) -> None:
@@ -520,11 +510,6 @@ def test_a_record_that_kills_the_process_is_set_aside_and_the_group_makes_progre
 
 
 # ------------------------------------------------------------------------------------------------ client layer
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: aiokafka raises UnicodeDecodeError unpacking the fetched batch; Faust's Fetcher crashes, the "
-    "worker exits 1 and every restart meets the same uncommitted record (not fixed here: worker/faust_glue)",
-)
 def test_a_record_whose_header_name_is_not_utf8_does_not_stop_the_worker(kafka: Any, spawn_worker: Any) -> None:
     """A header name the consumer cannot decode (aiokafka raises UnicodeDecodeError while unpacking the
     fetched batch) is one record's problem: a dead letter (or at least: the worker stays up and its
