@@ -5,10 +5,16 @@ worker (or baseline) process, warmed up with throw-away messages before anything
 
 Modes (``--modes``, comma-separated; all by default):
 
-* ``compare``: worker and baseline on the same corpora, unique texts and 50 % repeats (Zipf), plus the
-  worker forced onto the baseline's engine (PyTorch fp32) with unique texts. Per cell an
-  unpaced burst (throughput) and a paced run at half the baseline's burst throughput (latency at a load
-  both can carry), on disjoint halves of the dev split so the burst does not warm the paced run's cache.
+* ``compare``: worker and baseline on the same corpora, unique texts and 50 % repeats (Zipf), in
+  ``--rounds`` alternating rounds per corpus (baseline, worker, baseline, worker...), every cell a fresh
+  process on fresh topics and group, warmed up. Per cell an unpaced burst (throughput) and a paced run
+  (latency at a load both can carry: ``--paced-rate``, by default half the corpus's first baseline burst),
+  on disjoint halves of the dev split so the burst does not warm the paced run's cache. Reported per
+  target: the median (min-max) over rounds of burst events/s, paced p50 and p99, and the 1-minute load
+  average read after each burst; the speed-up is the median (min-max) of the per-round worker/baseline
+  ratios; missing, duplicated and wrongly dead-lettered messages per round. ``--with-torch`` adds the worker
+  forced onto the baseline's engine (PyTorch fp32, unique texts), off by default as it lengthens the run by
+  a quarter. Every round's raw numbers go to the JSON.
 * ``sweep``: one worker with caches off; an unpaced burst finds saturation, then 25/50/75/100/125 % of it.
 * ``stress``: one worker, 100, 1,000 and 10,000 simulated conversations, each an unpaced burst from many
   concurrent producer tasks; checks the worker stays up, RSS stays bounded and the lag drains.
@@ -16,9 +22,9 @@ Modes (``--modes``, comma-separated; all by default):
   at its default 1 s interval and at 50 ms; and, when the worker has the sampler wired, worker throughput
   with it at 1 s versus effectively off.
 
-Usage: ``.venv/bin/python benchmarks/replay.py [--modes compare,sweep] [--messages 1000]``.
+Usage: ``.venv/bin/python benchmarks/replay.py [--modes compare,sweep] [--messages 1000] [--rounds 3]``.
 Results: ``benchmarks/results/replay-<mode>-<time>.json`` and ``.png``; the worker's full reports of the
-50 %-repeat comparison are written too, with their ``profile-*`` reports.
+50 %-repeat comparison (its last round) are written too, with their ``profile-*`` reports.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from contextlib import ExitStack
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -55,6 +62,7 @@ from stream_app.perf.commands import (
 )
 from stream_app.perf.profile import profile_replay, write_profile
 from stream_app.perf.replay import ReplayReport, build_corpus, load_texts, write_report
+from stream_app.perf.rounds import CellSummary, CompareRound, Spread, summarise_compare
 from stream_app.settings import Settings, load_settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -97,54 +105,121 @@ class Bench:
         return target
 
     # ------------------------------------------------------------------------------------ compare
-    def compare(self, messages: int, paced_seconds: float) -> dict[str, Any]:
-        rows: list[dict[str, Any]] = []
-        cells: list[dict[str, Any]] = []
-        for mode, repeat in (("unique", 0.0), ("repeat50", 0.5)):
-            paced_rate: float | None = None
-            cells_here: list[tuple[str, Literal["baseline", "worker"], dict[str, str]]] = [
+    def compare(
+        self, messages: int, paced_seconds: float, rounds: int, paced_rate: float | None, with_torch: bool
+    ) -> dict[str, Any]:
+        records: list[CompareRound] = []
+        detail: list[dict[str, Any]] = []
+        rates: dict[str, float] = {}
+        for corpus, repeat in (("unique", 0.0), ("repeat50", 0.5)):
+            cells: list[tuple[str, Literal["baseline", "worker"], dict[str, str]]] = [
                 ("baseline", "baseline", {}),
                 ("worker", "worker", {}),
             ]
-            if mode == "unique":
+            if with_torch and corpus == "unique":
                 # the same worker on the baseline's engine: separates batching from the faster engine
-                cells_here.append(("worker-torch", "worker", {"EMOTION_STREAM_MODEL__ENGINE": "torch"}))
-            for label, kind, env in cells_here:
-                with ExitStack() as stack:
-                    target = self.target(stack, kind, f"cmp-{mode}-{label}", env=env)
-                    burst = build_corpus(self.burst_texts, messages, repeat, 0.02, 1000, seed=11)
-                    b = replay_target(
-                        target, burst, None, progress=self.progress, run_info={"mode": mode, "phase": "burst"}
+                cells.append(("worker-torch", "worker", {"EMOTION_STREAM_MODEL__ENGINE": "torch"}))
+            rate = paced_rate
+            # baseline, worker, baseline, worker...: the baseline leads so that, without --paced-rate, its
+            # first burst sets the paced rate every later cell of the corpus is offered
+            for rnd in range(rounds):
+                for label, kind, env in cells:
+                    rec, doc = self._compare_cell(corpus, repeat, label, kind, env, rnd, rounds, messages,
+                                                  paced_seconds, rate)  # fmt: skip
+                    rate = rec.paced_rate_per_s
+                    records.append(rec)
+                    detail.append(doc)
+                    click.echo(
+                        f"{corpus} round {rnd + 1}/{rounds} {label}: burst {rec.burst_events_per_s:.1f} events/s, "
+                        f"paced {rate}/s p50 {rec.p50_ms:.1f} p99 {rec.p99_ms:.1f} ms, load {rec.load_1m:.2f}, "
+                        f"missing {rec.missing}, duplicates {rec.duplicates} ({doc['seconds']:.0f}s)",
+                        err=True,
                     )
-                    if paced_rate is None:  # set by the baseline, which runs first
-                        paced_rate = max(2.0, round(0.5 * (b.throughput_events_per_s or 1.0), 1))
-                    n = max(50, int(paced_rate * paced_seconds))
-                    paced = build_corpus(self.paced_texts, n, repeat, 0.02, 1000, seed=12)
-                    p = replay_target(
-                        target, paced, paced_rate, progress=self.progress, run_info={"mode": mode, "phase": "paced"}
-                    )
-                    if label == "worker" and mode == "repeat50":
-                        self._keep(b, f"replay-worker-repeat50-burst-{self.stamp}")
-                        self._keep(p, f"replay-worker-repeat50-paced-{self.stamp}")
-                rows.append(_compare_row(mode, label, b, p, paced_rate))
-                cells.append(
-                    {
-                        "mode": mode,
-                        "target": label,
-                        "burst": b.summary(),
-                        "paced": p.summary(),
-                        "burst_dead_letters": b.dead_letters_by_reason,
-                        "burst_cache_levels": b.cache_levels,
-                        "paced_cache_levels": p.cache_levels,
-                        "model": b.run.get("model"),
-                    }
-                )
-        print_table("worker vs naive baseline (burst = unpaced; paced = half the baseline's throughput)", rows)
-        result = {"rows": rows, "cells": cells, "messages": messages, "paced_seconds": paced_seconds}
+            assert rate is not None
+            rates[corpus] = rate
+        summary = summarise_compare(records)
+        rows = [cell.row() for cell in summary]
+        print_table(
+            f"worker vs naive baseline, median (min-max) of {rounds} alternating rounds: burst = unpaced "
+            f"{messages} messages; speed-up = median of the per-round ratios; paced = latency at a rate both carry; "
+            "load = 1-minute load average after each burst; missing/dup/bad dlq per round",
+            rows,
+        )
+        result = {
+            "rounds": rounds,
+            "messages": messages,
+            "paced_seconds": paced_seconds,
+            "paced_rate_per_s": rates,
+            "order": "per corpus, rounds of baseline then worker (then worker-torch with --with-torch)",
+            "cpus": os.cpu_count(),
+            "rows": rows,
+            "summary": [cell.as_dict() for cell in summary],
+            "rounds_detail": detail,
+        }
         prefix = self.out_dir / f"replay-compare-{self.stamp}"
         _write_json(prefix.with_suffix(".json"), result)
-        _plot_compare(rows, prefix.with_suffix(".png"))
+        _plot_compare(summary, prefix.with_suffix(".png"))
         return result
+
+    def _compare_cell(
+        self,
+        corpus: str,
+        repeat: float,
+        label: str,
+        kind: Literal["baseline", "worker"],
+        env: dict[str, str],
+        rnd: int,
+        rounds: int,
+        messages: int,
+        paced_seconds: float,
+        rate: float | None,
+    ) -> tuple[CompareRound, dict[str, Any]]:
+        """One target, one round: a fresh process, warmed up, an unpaced burst, then a paced run at ``rate``
+        (None: half this burst's throughput). Returns the round's figures and its raw numbers."""
+        t0 = time.monotonic()
+        load_before = os.getloadavg()[0]
+        info = {"corpus": corpus, "target": label, "round": rnd}
+        with ExitStack() as stack:
+            target = self.target(stack, kind, f"cmp-{corpus}-{label}-r{rnd}", env=env)
+            burst = build_corpus(self.burst_texts, messages, repeat, 0.02, 1000, seed=11)
+            b = replay_target(target, burst, None, progress=self.progress, run_info={**info, "phase": "burst"})
+            load_burst = os.getloadavg()[0]
+            if rate is None:
+                rate = max(2.0, round(0.5 * (b.throughput_events_per_s or 1.0), 1))
+            paced = build_corpus(self.paced_texts, max(50, int(rate * paced_seconds)), repeat, 0.02, 1000, seed=12)
+            p = replay_target(target, paced, rate, progress=self.progress, run_info={**info, "phase": "paced"})
+            load_paced = os.getloadavg()[0]
+            if label == "worker" and corpus == "repeat50" and rnd == rounds - 1:
+                self._keep(b, f"replay-worker-repeat50-burst-{self.stamp}")
+                self._keep(p, f"replay-worker-repeat50-paced-{self.stamp}")
+        rec = CompareRound(
+            corpus,
+            label,
+            rnd,
+            b.throughput_events_per_s,
+            rate,
+            p.latency_ms.get("p50", 0.0),
+            p.latency_ms.get("p99", 0.0),
+            load_burst,
+            missing=b.missing + p.missing,
+            duplicates=b.duplicate_events + p.duplicate_events,
+            unexpected_dead_letters=b.unexpected_dead_letters + p.unexpected_dead_letters,
+            cache_hit_rate=b.cache_hit_rate,
+        )
+        doc = {
+            **asdict(rec),
+            "load_1m_before": load_before,
+            "load_1m_after_burst": load_burst,
+            "load_1m_after_paced": load_paced,
+            "seconds": round(time.monotonic() - t0, 1),
+            "burst": b.summary(),
+            "paced": p.summary(),
+            "burst_dead_letters": b.dead_letters_by_reason,
+            "burst_cache_levels": b.cache_levels,
+            "paced_cache_levels": p.cache_levels,
+            "model": b.run.get("model"),
+        }
+        return rec, doc
 
     def _keep(self, report: ReplayReport, name: str) -> None:
         report.event_samples = report.event_samples[:3000]  # keep the file reviewable
@@ -263,23 +338,6 @@ class Bench:
         return result
 
 
-def _compare_row(mode: str, kind: str, b: ReplayReport, p: ReplayReport, rate: float | None) -> dict[str, Any]:
-    return {
-        "mode": mode,
-        "target": kind,
-        "burst_events_per_s": round(b.throughput_events_per_s, 1),
-        "paced_rate": rate,
-        "p50_ms": round(p.latency_ms.get("p50", 0.0), 1),
-        "p95_ms": round(p.latency_ms.get("p95", 0.0), 1),
-        "p99_ms": round(p.latency_ms.get("p99", 0.0), 1),
-        "burst_p99_ms": round(b.latency_ms.get("p99", 0.0), 0),
-        "missing": b.missing + p.missing,
-        "duplicates": b.duplicate_events + p.duplicate_events,
-        "unexpected_dlq": b.unexpected_dead_letters + p.unexpected_dead_letters,
-        "hit_rate": round(b.cache_hit_rate, 3),
-    }
-
-
 def _sampler_overhead_in_process(settings: Settings, seconds: float) -> dict[str, Any]:
     """The sampler's cost, two ways: the CPU time of one reading (exact, noise-free), and inference batches
     per second with the sampler off / at 1 s / at 50 ms, interleaved over several short rounds (an A/B on a
@@ -346,18 +404,31 @@ def _sampler_overhead_in_process(settings: Settings, seconds: float) -> dict[str
     return {"direct": direct, "rows": rows, "raw": results, "batch_size": len(texts), "rounds": rounds}
 
 
-def _plot_compare(rows: Sequence[dict[str, Any]], path: Path) -> None:
+def _plot_compare(cells: Sequence[CellSummary], path: Path) -> None:
+    """Medians as bars, min-max over the rounds as error bars; the speed-up over each worker bar."""
     from matplotlib.figure import Figure
+
+    def bars(ax: Any, spreads: Sequence[Spread], **kw: Any) -> Any:
+        med = [s.median for s in spreads]
+        err = [[s.median - s.min for s in spreads], [s.max - s.median for s in spreads]]
+        return ax.bar(labels, med, yerr=err, capsize=3, **kw)
 
     fig = Figure(figsize=(10, 4), layout="constrained")
     ax_tp, ax_lat = fig.subplots(1, 2)
-    labels = [f"{r['mode']}\n{r['target']}" for r in rows]
-    colors = ["tab:gray" if r["target"] == "baseline" else "tab:blue" for r in rows]
-    ax_tp.bar(labels, [r["burst_events_per_s"] for r in rows], color=colors)
-    ax_tp.set_ylabel("events/s (unpaced burst)")
-    ax_lat.bar(labels, [r["p99_ms"] for r in rows], color=colors, label="p99")
-    ax_lat.bar(labels, [r["p50_ms"] for r in rows], color="black", alpha=0.35, label="p50")
-    ax_lat.set_ylabel(f"end-to-end ms at {rows[0]['paced_rate']} msg/s (unique) / {rows[-1]['paced_rate']} (repeat)")
+    labels = [f"{c.corpus}\n{c.target}" for c in cells]
+    colors = ["tab:gray" if c.target == "baseline" else "tab:blue" for c in cells]
+    bars(ax_tp, [c.burst_events_per_s for c in cells], color=colors)
+    for x, c in enumerate(cells):
+        if c.speed_up is not None:
+            ax_tp.annotate(f"{c.speed_up.format(1, 'x')}", (x, c.burst_events_per_s.max), xytext=(0, 4),
+                           textcoords="offset points", ha="center", va="bottom", fontsize=8)  # fmt: skip
+    ax_tp.margins(y=0.12)
+    ax_tp.set_ylabel("events/s, unpaced burst")
+    ax_tp.set_title(f"median, min-max of {cells[0].rounds} rounds; speed-up per round", fontsize=9)
+    bars(ax_lat, [c.p99_ms for c in cells], color=colors, label="p99")
+    bars(ax_lat, [c.p50_ms for c in cells], color="black", alpha=0.35, label="p50")
+    rates = " / ".join(f"{c.paced_rate_per_s:g}" for c in cells if c.target == "baseline")
+    ax_lat.set_ylabel(f"end-to-end ms at {rates} msg/s")
     ax_lat.set_yscale("log")
     ax_lat.legend()
     fig.savefig(path, dpi=100)
@@ -384,6 +455,24 @@ def _plot_stress(runs: Sequence[dict[str, Any]], path: Path) -> None:
 @click.option("--modes", default="compare,sweep,stress,overhead", show_default=True)
 @click.option("--messages", type=int, default=1000, show_default=True, help="Burst size (compare, sweep).")
 @click.option("--paced-seconds", type=float, default=15.0, show_default=True)
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="compare: alternating rounds per corpus (baseline, worker, baseline, worker...), each a fresh process.",
+)
+@click.option(
+    "--paced-rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="compare: the paced run's rate in msg/s (default: half the first baseline burst of each corpus).",
+)
+@click.option(
+    "--with-torch",
+    is_flag=True,
+    help="compare: also the worker on the baseline's engine (PyTorch fp32), unique texts (+25 % time).",
+)
 @click.option("--step-seconds", type=float, default=15.0, show_default=True, help="Per sweep step.")
 @click.option("--saturation-messages", type=int, default=3000, show_default=True, help="Sweep's unpaced burst.")
 @click.option("--stress-messages", type=int, default=3000, show_default=True)
@@ -394,6 +483,9 @@ def main(
     modes: str,
     messages: int,
     paced_seconds: float,
+    rounds: int,
+    paced_rate: float | None,
+    with_torch: bool,
     step_seconds: float,
     saturation_messages: int,
     stress_messages: int,
@@ -422,7 +514,7 @@ def main(
             t0 = time.monotonic()
             load0 = os.getloadavg()
             if mode == "compare":
-                bench.compare(messages, paced_seconds)
+                bench.compare(messages, paced_seconds, rounds, paced_rate, with_torch)
             elif mode == "sweep":
                 bench.sweep(saturation_messages, step_seconds)
             elif mode == "stress":

@@ -319,7 +319,7 @@ def print_table(title: str, rows: Sequence[Mapping[str, Any]]) -> None:
         return
     table = Table(title=title)
     for col in rows[0]:
-        table.add_column(str(col), justify="left" if col in ("step", "target", "mode", "what") else "right")
+        table.add_column(str(col), justify="left" if col in ("step", "target", "mode", "corpus", "what") else "right")
     for row in rows:
         table.add_row(*("-" if v is None else str(v) for v in row.values()))
     # piped to a file or a log: wide enough that no column is cut to an ellipsis
