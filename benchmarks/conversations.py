@@ -27,8 +27,9 @@ built for real: ids of 256 four-byte characters (the chat_message.v1 limit), eve
 a full rise history.
 
 The host path to compare with: ``--host-path-us`` (default 55 µs, the batch-consumer figure the
-architecture aims the worker's loop at) and, when ``benchmarks/results/drain-cpu.json`` exists, the
-worker's measured drain rate on this machine.
+architecture aims the worker's loop at) and, when ``benchmarks/results/host-ceiling-real.json`` exists
+(``benchmarks/host_ceiling.py --engine real``), the worker's measured drain rate on this machine (median of
+its rounds).
 
 Run: ``.venv/bin/python benchmarks/conversations.py`` (about a minute on 2 cores). Prints a table and writes
 ``benchmarks/results/conversations.json``.
@@ -246,10 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     late = sum(s.late_ignored for s in states)
     dup = sum(s.duplicates_ignored for s in states)
 
-    drain = RESULTS / "drain-cpu.json"
+    drain = RESULTS / "host-ceiling-real.json"
     worker_us = None
     if drain.exists():
-        rate = json.loads(drain.read_text()).get("worker_messages_per_s")
+        rate = json.loads(drain.read_text()).get("summary", {}).get("worker", {}).get("msgs_per_s", {}).get("median")
         worker_us = 1e6 / rate if rate else None
 
     print(
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"table / host path target {args.host_path_us:g} µs: {share:.0%}")
     if worker_us is not None:
         print(
-            f"table / worker's drain time per message on this machine ({worker_us:.0f} µs, drain-cpu.json): "
+            f"table / worker's drain time per message on this machine ({worker_us:.0f} µs, host-ceiling-real.json): "
             f"{per_message['table'] / worker_us:.1%}"
         )
 

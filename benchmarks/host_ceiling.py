@@ -244,6 +244,7 @@ OPTIONS: dict[str, dict[str, str]] = {
     "conv": {"EMOTION_STREAM_CONVERSATIONS__ENABLED": "true"},
     "eos": {"EMOTION_STREAM_WORKER__DELIVERY": "exactly_once"},
     "cache": {"EMOTION_STREAM_CACHE__L1_ENABLED": "true", "EMOTION_STREAM_CACHE__L2_ENABLED": "true"},
+    "batch1": {"EMOTION_STREAM_BATCHING__CONCURRENT_BATCHES": "1"},  # one batch in flight (CPU default: 2)
 }
 
 
@@ -450,7 +451,7 @@ def _summary(rows: list[Round]) -> dict[str, dict[str, Any]]:
     default="worker,reference",
     show_default=True,
     help="worker, reference or main, with options -conv (conversation state), -eos (exactly-once), -cache "
-    "(L1+L2), and a trailing 2 for two processes: e.g. worker,worker-eos,worker2",
+    "(L1+L2), -batch1 (one batch in flight), and a trailing 2 for two processes: e.g. worker,worker-eos,worker2",
 )
 @click.option(
     "--rate",

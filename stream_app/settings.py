@@ -319,7 +319,8 @@ class BatchingSettings(_Group):
         le=16,
         description="Batches the engine runs at once, each in its own thread (ONNX Runtime and PyTorch are "
         "thread-safe). 0 = 2 on a CPU, 1 on CUDA. On 2 cores, two single-threaded batches drained 1,004 "
-        "msg/s against 672 for one two-threaded batch at a time (benchmarks/drain.py): no fork-join "
+        "msg/s against 672 for one two-threaded batch at a time (single runs; benchmarks/host_ceiling.py "
+        "--engine real --variants worker,worker-batch1 compares the two in alternating rounds): no fork-join "
         "inside a batch, and one core keeps computing while the other batch waits on the event loop. A "
         "second batch starts only when full or aged (max_wait_ms).",
     )
