@@ -25,7 +25,7 @@ from stream_app.cache.lru import TtlLru
 from stream_app.core.slots import Result, Slot
 from stream_app.metrics import Metrics
 
-__all__ = ["L1Entry", "L2Store", "ResultCache", "SweepPlan", "plan_sweep"]
+__all__ = ["L1Entry", "L2Store", "ResultCache", "SweepPlan", "SweepPlanner", "plan_sweep"]
 
 _log = logging.getLogger(__name__)
 
@@ -229,29 +229,49 @@ class SweepPlan(NamedTuple):
     kept: int
 
 
-def plan_sweep(items: Iterable[tuple[bytes, bytes]], *, now: float, max_entries: int) -> SweepPlan:
-    """Which L2 keys of one partition to delete: the expired and undecodable ones, and the
-    soonest-to-expire surplus beyond ``max_entries``.
+class SweepPlanner:
+    """Builds a :class:`SweepPlan` from one L2 partition's items, fed in slices so that the caller can
+    yield to its event loop between them (a partition holds up to ``l2_max_entries_per_partition`` entries:
+    scanning 200,000 at a few µs each in one go would stall the loop for about a second).
 
     Deletes go through the changelog as tombstones (the caller's job), so a rebuild from the changelog
     does not bring expired entries back, as RocksDB's own TTL (local only) would.
     """
-    expired: list[bytes] = []
-    live: list[tuple[float, bytes]] = []
-    for key, raw in items:
-        if key.startswith(b"__faust"):  # Faust's own bookkeeping (the persisted changelog offset)
-            continue
-        try:
-            expires = decode(raw).expires_at
-        except ValueError:
-            expired.append(key)
-            continue
-        if expires <= now:
-            expired.append(key)
-        else:
-            live.append((expires, key))
-    surplus: list[bytes] = []
-    if len(live) > max_entries:
-        live.sort()
-        surplus = [key for _, key in live[: len(live) - max_entries]]
-    return SweepPlan(expired, surplus, len(live) - len(surplus))
+
+    def __init__(self, *, now: float, max_entries: int) -> None:
+        self.now = now
+        self.max_entries = max_entries
+        self._expired: list[bytes] = []
+        self._live: list[tuple[float, bytes]] = []
+
+    def add(self, items: Iterable[tuple[bytes, bytes]]) -> None:
+        """Take ``(key, encoded entry)`` pairs; an undecodable entry counts as expired."""
+        now = self.now
+        for key, raw in items:
+            if key.startswith(b"__faust"):  # Faust's own bookkeeping (the persisted changelog offset)
+                continue
+            try:
+                expires = decode(raw).expires_at
+            except ValueError:
+                self._expired.append(key)
+                continue
+            if expires <= now:
+                self._expired.append(key)
+            else:
+                self._live.append((expires, key))
+
+    def plan(self) -> SweepPlan:
+        """The expired and undecodable keys, and the soonest-to-expire surplus beyond ``max_entries``."""
+        live = self._live
+        surplus: list[bytes] = []
+        if len(live) > self.max_entries:
+            live.sort()
+            surplus = [key for _, key in live[: len(live) - self.max_entries]]
+        return SweepPlan(self._expired, surplus, len(live) - len(surplus))
+
+
+def plan_sweep(items: Iterable[tuple[bytes, bytes]], *, now: float, max_entries: int) -> SweepPlan:
+    """:class:`SweepPlanner` over all of ``items`` at once."""
+    planner = SweepPlanner(now=now, max_entries=max_entries)
+    planner.add(items)
+    return planner.plan()

@@ -26,6 +26,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 import orjson
@@ -35,7 +36,7 @@ from aiokafka.partitioner import murmur2
 from stream_app.cache.admission import Admission, SecondSightingAdmission
 from stream_app.cache.keys import ModelIdentity, cache_key, normalise
 from stream_app.cache.lru import TtlLru
-from stream_app.cache.tiered import L1Entry, ResultCache, plan_sweep
+from stream_app.cache.tiered import L1Entry, ResultCache, SweepPlanner
 from stream_app.conversations.rules import load_rules
 from stream_app.conversations.stage import ConversationStage
 from stream_app.conversations.tracker import ConversationTracker
@@ -605,9 +606,17 @@ class Worker:
         now = time.time()
         held = 0
         for partition in l2.partitions():
-            plan = plan_sweep(
-                l2.items(partition), now=now, max_entries=self.settings.cache.l2_max_entries_per_partition
-            )
+            planner = SweepPlanner(now=now, max_entries=self.settings.cache.l2_max_entries_per_partition)
+            items = l2.items(partition)
+            while l2.holds(partition):  # the scan yields to the loop; the partition may leave meanwhile
+                piece = list(islice(items, 2000))
+                planner.add(piece)
+                if len(piece) < 2000:
+                    break
+                await asyncio.sleep(0)
+            else:
+                continue
+            plan = planner.plan()
             held += plan.kept
             for reason, keys in (("expired", plan.expired), ("size", plan.size)):
                 for n, key in enumerate(keys):

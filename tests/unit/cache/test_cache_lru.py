@@ -115,9 +115,7 @@ def test_invalid_bounds(max_entries: int, ttl_s: float) -> None:
 
 @settings(deadline=None)  # a shared, loaded CI box must not turn slowness into failures
 @given(
-    ops=st.lists(
-        st.tuples(st.sampled_from(["get", "put", "tick"]), st.integers(0, 7), st.floats(0, 4)), max_size=80
-    )
+    ops=st.lists(st.tuples(st.sampled_from(["get", "put", "tick"]), st.integers(0, 7), st.floats(0, 4)), max_size=80)
 )
 def test_matches_a_reference_model(ops: list[tuple[str, int, float]]) -> None:
     """Against a naive list-based model: same answers, never over the bound."""
