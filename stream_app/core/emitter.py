@@ -208,6 +208,7 @@ class Emitter:
         #: exactly-once output when set: each lane's released slots in a transaction of their own
         self.transactions: TransactionalSink | None = None
         self._busy: set[Lane] = set()
+        self._transaction_done = asyncio.Event()
         self._groups: list[AckGroup] = []
         self._flush_wanted = asyncio.Event()
         self._afters_wanted = asyncio.Event()
@@ -268,6 +269,23 @@ class Emitter:
             lane.dead = True
             abandoned += len(lane.window) - lane.released
         return abandoned
+
+    async def wait_transactions(self, partitions: Sequence[int], timeout_s: float) -> bool:
+        """Wait, at most ``timeout_s``, until no transaction of these partitions is in flight (one may carry
+        only stage records, with every slot already acknowledged); False when one still is."""
+        lanes = {self.lanes[p] for p in partitions if p in self.lanes}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while lanes & self._busy:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            self._transaction_done.clear()
+            try:
+                await asyncio.wait_for(self._transaction_done.wait(), remaining)
+            except TimeoutError:
+                return False
+        return True
 
     def pending_groups(self, partitions: Sequence[int]) -> bool:
         """Whether outputs of these partitions still wait for the broker."""
@@ -635,9 +653,14 @@ class Emitter:
             else:
                 await txn.commit(partition, slots[-1].offset + 1 if slots else None)
         except Exception as exc:
+            if lane.dead:  # revoked meanwhile: its producer closed, so the transaction aborted
+                _log.warning("partition %d was revoked during its transaction (%r): aborted, the next owner "
+                             "processes its input again", partition, exc)  # fmt: skip
+                return
             raise InfrastructureError(f"transaction of partition {partition} failed: {exc!r}") from exc
         finally:
             self._busy.discard(lane)
+            self._transaction_done.set()
             self._flush_wanted.set()
         for topic, out_partition, batch, last_offset in acked:
             for stage in self.stages:

@@ -190,6 +190,9 @@ class Pipeline:
             self._acked.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._acked.wait(), remaining)
+        # a transaction may still be in flight with nothing but stage records: let it finish before the
+        # partitions' producers are closed
+        await self.emitter.wait_transactions(partitions, max(0.0, deadline - self.clock()))
         final = {lane.partition: lane.acked_offset for lane in lanes if lane.acked_offset is not None}
         abandoned = self.emitter.drop(partitions)
         if abandoned:
@@ -241,15 +244,21 @@ class Pipeline:
         chunk = ChunkInfo(topic=topic, received_wall=wall, received_mono=t0, received_at=rfc3339(wall))
         slots: list[Slot] = []
         accept = self.intake.accept
-        for partition, records in batches.items():
-            if not records:
+        n = 0
+        for partition, delivered in batches.items():
+            if not delivered:
                 continue
             lane = self.emitter.lane(partition)
-            self._check_offsets(lane, records)
+            records = self._not_taken(lane, delivered)
+            if not records:
+                continue
+            n += len(records)
             lane_slots = accept(lane, records, chunk)
             lane.window.extend(lane_slots)
             lane.caught_up_since = None
             slots.extend(lane_slots)
+        if n == 0:
+            return
         self._in_flight += n
         self._idle.clear()
         self._messages_total.inc(n)
@@ -298,21 +307,35 @@ class Pipeline:
                 keep.append(s)
         return keep
 
-    def _check_offsets(self, lane: Lane, records: Sequence[RecordLike]) -> None:
+    def _not_taken(self, lane: Lane, records: Sequence[RecordLike]) -> Sequence[RecordLike]:
+        """``records`` (one partition's, in offset order) without those this lane has taken already.
+
+        A consumer can deliver offsets again within one assignment: Faust resumes the partitions before it
+        seeks them to their committed offsets, so what was fetched in between comes again after the seek.
+        Those records are in flight or acknowledged here; taking them again would emit them twice (and
+        under exactly-once, commit both). A jump below everything this assignment took is an offset reset
+        (e.g. to the log start when the committed offset was beyond the log end): processed, and counted.
+        """
         first = records[0].offset
         expected = lane.expected_offset
         if expected is not None and first < expected:
             lowest = lane.lowest_seen
             if lowest is not None and first >= lowest:
-                _log.info("partition %d: offsets %d.. delivered again (expected %d); processing them again",
-                          lane.partition, first, expected)  # fmt: skip
+                kept = [r for r in records if r.offset >= expected]
+                _log.info("partition %d: offsets %d..%d delivered again (taken already); skipped",
+                          lane.partition, first, min(records[-1].offset, expected - 1))  # fmt: skip
+                records = kept
             else:
                 self.metrics.offset_resets_total.labels(str(lane.partition)).inc()
                 _log.warning("partition %d: offset reset from %d to %d; processing from %d (nothing skipped)",
                              lane.partition, expected, first, first)  # fmt: skip
+            if not records:
+                return records
+            first = records[0].offset
         lane.expected_offset = records[-1].offset + 1
         if lane.lowest_seen is None or first < lane.lowest_seen:
             lane.lowest_seen = first
+        return records
 
     def _on_classified(self, slots: list[Slot], stats: object) -> None:
         if self.cache is not None:

@@ -28,6 +28,8 @@ class FakeTransactions:
     open: dict[int, list[tuple[str, OutRecord]]] = field(default_factory=dict)
     visible: list[tuple[str, OutRecord]] = field(default_factory=list)
     committed: dict[int, int] = field(default_factory=dict)
+    commit_delay_s: float = 0.0
+    closed: set[int] = field(default_factory=set)  # the worker closed these partitions' producers
 
     async def begin(self, partition: int) -> None:
         assert partition not in self.open, "a transaction is already open"
@@ -47,6 +49,9 @@ class FakeTransactions:
 
     async def commit(self, partition: int, offset: int | None) -> None:
         self.log.append(("commit", partition))
+        await asyncio.sleep(self.commit_delay_s)
+        if partition in self.closed:
+            raise RuntimeError(f"no transactional producer for partition {partition}")
         if self.fail_commit:
             raise RuntimeError("ProducerFenced")
         self.visible.extend(self.open.pop(partition))
@@ -114,3 +119,47 @@ async def test_a_failed_commit_is_fatal_and_nothing_becomes_visible() -> None:
     assert fatal and "transaction of partition 0 failed" in str(fatal[0])
     assert txn.visible == [] and txn.committed == {}
     assert p.committable() == {}
+
+
+async def _a_transaction_of_stage_records_only(p: Any, txn: FakeTransactions) -> None:
+    """Partition 0's slots all committed, then a transaction carrying only a stage-metrics record."""
+    await p.start()
+    await p.feed("in", {0: [Rec(o, raw(o, f"t {o}")) for o in range(3)]})
+    assert await p.drain(5.0)
+    txn.commit_delay_s = 0.3
+    p.emitter._metrics_outbox.append(OutRecord(None, b"{}", []))
+    p.emitter.request_flush()
+    await asyncio.sleep(0.05)
+    assert txn.log[-1] == ("commit", 0)  # in flight
+
+
+async def test_revocation_waits_for_a_transaction_in_flight_before_the_producer_closes() -> None:
+    """The worker closes a revoked partition's producer once revoke() returns: a transaction still in flight
+    (stage records only, every slot acknowledged) must have finished by then."""
+    txn = FakeTransactions()
+    fatal: list[BaseException] = []
+    p = _pipeline(txn, fatal)
+    try:
+        await _a_transaction_of_stage_records_only(p, txn)
+        await p.revoke([0], timeout_s=2.0)
+        txn.closed.add(0)  # what the worker does next
+        await asyncio.sleep(0.4)
+        assert not fatal and p.failed is None
+        assert {} in txn.docs("metrics")  # committed before the producer closed
+    finally:
+        await p.stop()
+
+
+async def test_a_transaction_outliving_the_revocation_is_aborted_not_fatal() -> None:
+    txn = FakeTransactions()
+    fatal: list[BaseException] = []
+    p = _pipeline(txn, fatal)
+    try:
+        await _a_transaction_of_stage_records_only(p, txn)
+        await p.revoke([0], timeout_s=0.05)  # gives up waiting
+        txn.closed.add(0)
+        await asyncio.sleep(0.4)
+        assert not fatal and p.failed is None
+        assert {} not in txn.docs("metrics")
+    finally:
+        await p.stop()
