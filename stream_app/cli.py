@@ -96,7 +96,7 @@ def worker(processes: int) -> None:
     type=click.IntRange(min=1),
     default=None,
     help="Partitions of the topics to create (default: EMOTION_STREAM_TOPICS__PARTITIONS). An existing topic "
-    "with another count is left unchanged and makes the command fail.",
+    "with another count is left unchanged and reported; when --partitions was given, the command then fails.",
 )
 @click.option(
     "--timeout",

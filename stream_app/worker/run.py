@@ -49,9 +49,19 @@ def run_worker(settings: Settings, started_at: float | None = None) -> int:
     metrics = Metrics()
     metrics.cold_start_seconds.labels("import").set(time.monotonic() - started_at)
     health = Health()
+    try:
+        settings.worker.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _log.error("cannot create the state folder %s: %s", settings.worker.state_dir, exc.strerror or exc)
+        return 2
     server = None
     if settings.metrics.port:
-        server = HealthServer(metrics, health, settings.metrics.host, settings.metrics.port).start()
+        try:
+            server = HealthServer(metrics, health, settings.metrics.host, settings.metrics.port).start()
+        except OSError as exc:
+            _log.error("cannot serve metrics and probes on %s:%d: %s (METRICS__PORT)", settings.metrics.host,
+                       settings.metrics.port, exc.strerror or exc)  # fmt: skip
+            return 2
         _log.info("metrics and probes on http://%s:%d (/metrics /livez /readyz)", settings.metrics.host, server.port)
     changelog = changelog_topic(settings) if settings.cache.l2_enabled else None
     states = changelog_topic(settings, CONVERSATION_TABLE) if settings.conversations.enabled else None
