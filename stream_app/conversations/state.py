@@ -14,13 +14,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 __all__ = ["ClassifiedMessage", "ConversationState", "Episode", "RecentMessage"]
 
 
-@dataclass(frozen=True, slots=True)
-class ClassifiedMessage:
+class ClassifiedMessage(NamedTuple):
     """One classified chat message, as the worker hands it over after inference.
+
+    A named tuple rather than a frozen dataclass: one is built per message, and a frozen dataclass's
+    ``__init__`` (``object.__setattr__`` per field) cost three times as much.
 
     Attributes:
         conversation_id: The conversation (the input's key).
@@ -48,13 +51,16 @@ class RecentMessage:
     """One of the last messages of a conversation: the evidence alerts cite.
 
     ``score`` is the probability of ``label``, rounded to float32 when the message is applied, so the value
-    held in memory and the one read back from the table are the same number.
+    held in memory and the one read back from the table are the same number. Treated as immutable once
+    built: ``view`` caches the message's JSON form for the records (``recent`` and alert evidence), built
+    once by the tracker that shows it; it is not part of the state (not compared, not encoded).
     """
 
     message_id: str
     sent_at: float
     label: int
     score: float
+    view: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def sort_key(self) -> tuple[float, str]:
         """Order of the recent list: event time, then message id (so any arrival order sorts alike)."""
