@@ -117,6 +117,9 @@ class ConversationState:
         panes: Window panes, ``{pane_index: [count per label]}``, only non-empty ones inside the window.
         recent: The last messages by event time (then message id), oldest first.
         episodes: One per rule, in the tracker's rule order.
+        window_counts: Label counts summed over ``panes``, kept up to date by the tracker as it changes
+            the panes (None: not known yet, summed when first needed); derived, so neither compared nor
+            encoded. The panes, like the rest of the state, are the tracker's to change.
     """
 
     conversation_id: str
@@ -138,6 +141,7 @@ class ConversationState:
     panes: dict[int, list[int]] = field(default_factory=dict)
     recent: list[RecentMessage] = field(default_factory=list)
     episodes: list[Episode] = field(default_factory=list)
+    window_counts: list[int] | None = field(default=None, compare=False, repr=False)
 
     def mood_shares(self) -> list[float]:
         """The decayed mood as shares of the decayed message count (each in [0, 1]; zeros when empty)."""

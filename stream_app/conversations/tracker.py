@@ -218,28 +218,28 @@ class ConversationTracker:
         # the straightforward version; test_conversations_equivalence.py proves they agree.
         if now is None:
             now = self._clock()
+        conversation_id, message_id, sent_at, label, raw_scores, _, partition, offset = msg
         n = self._n
-        scores = list(map(float, msg.scores))
-        label = msg.label_index
+        scores = list(map(float, raw_scores))
         if len(scores) != n or not 0 <= label < n:
-            raise ValueError(f"message {msg.message_id!r}: {len(scores)} scores / label {label} for {n} labels")
+            raise ValueError(f"message {message_id!r}: {len(scores)} scores / label {label} for {n} labels")
         # a NaN anywhere makes the sum NaN (min and max may step over it)
         if not (min(scores) >= 0.0 and max(scores) <= 1.0) or math.isnan(sum(scores)):
-            raise ValueError(f"message {msg.message_id!r}: scores must be in [0, 1], got {scores}")
-        sent_at = float(msg.sent_at)
+            raise ValueError(f"message {message_id!r}: scores must be in [0, 1], got {scores}")
+        sent_at = float(sent_at)
         if not math.isfinite(sent_at):
-            raise ValueError(f"message {msg.message_id!r}: sent_at must be finite, got {sent_at}")
+            raise ValueError(f"message {message_id!r}: sent_at must be finite, got {sent_at}")
         if state is None:
-            state = self.new_state(msg.conversation_id)
-        elif state.conversation_id != msg.conversation_id:
-            raise ValueError(f"message of {msg.conversation_id!r} applied to the state of {state.conversation_id!r}")
+            state = self.new_state(conversation_id)
+        elif state.conversation_id != conversation_id:
+            raise ValueError(f"message of {conversation_id!r} applied to the state of {state.conversation_id!r}")
         elif list(map(_key, state.episodes)) != self._key_list:
             self.codec.align(state)  # a state built for other rules (decode aligns already)
 
-        if msg.partition == state.source_partition and msg.offset <= state.source_offset:
+        if partition == state.source_partition and offset <= state.source_offset:
             return Update(state, "replay", False)
-        state.source_partition = msg.partition
-        state.source_offset = msg.offset
+        state.source_partition = partition
+        state.source_offset = offset
         state.last_seen_at = now
 
         if sent_at > now + self.max_future_skew_s:
@@ -250,7 +250,6 @@ class ConversationTracker:
         if not first and sent_at < latest - self.allowed_lateness_s:
             state.late_ignored += 1
             return Update(state, "late", True)
-        message_id = msg.message_id
         recent = state.recent
         for m in recent:
             if m.message_id == message_id:
@@ -280,8 +279,10 @@ class ConversationTracker:
         advanced = first or latest != state.latest_at
         state.latest_at = latest
 
-        # window: the message's own pane, if still inside; the panes that slid out go
+        # window: the message's own pane, if still inside; the panes that slid out go (and their counts
+        # leave the window's sum)
         panes = state.panes
+        window = state.window_counts
         pane_s = self._pane_s
         oldest = _floor(latest / pane_s) - self._n_panes + 1
         pane = _floor(sent_at / pane_s)
@@ -290,9 +291,13 @@ class ConversationTracker:
             if counts is None:
                 counts = panes[pane] = [0] * n
             counts[label] += 1
+            if window is not None:
+                window[label] += 1
         if advanced and min(panes) < oldest:
             for p in [p for p in panes if p < oldest]:
-                del panes[p]
+                gone = panes.pop(p)
+                if window is not None:
+                    state.window_counts = window = [w - g for w, g in zip(window, gone, strict=True)]
 
         # recent messages, by event time then message id
         rec = RecentMessage(message_id, sent_at, label, _F32.unpack(_F32.pack(scores[label]))[0])
@@ -359,10 +364,17 @@ class ConversationTracker:
 
     def window_counts(self, state: ConversationState) -> list[int]:
         """Label counts over the conversation's current window (ending with its latest message's pane)."""
-        panes = state.panes
-        if not panes:
-            return [0] * self._n
-        return [sum(column) for column in zip(*panes.values(), strict=True)]
+        return list(self._window_counts(state))
+
+    def _window_counts(self, state: ConversationState) -> list[int]:
+        """``state.window_counts``, summed from the panes the first time (then :meth:`apply` keeps it)."""
+        window = state.window_counts
+        if window is None:
+            panes = state.panes
+            window = state.window_counts = (
+                [sum(column) for column in zip(*panes.values(), strict=True)] if panes else [0] * self._n
+            )
+        return window
 
     def _message(self, m: RecentMessage) -> dict[str, Any]:
         """The JSON form of a recent message, built once per message and kept on it (``view``)."""
@@ -408,7 +420,7 @@ class ConversationTracker:
         if state.message_count < 1 or state.dominant < 0:
             raise ValueError(f"conversation {state.conversation_id!r} has no applied message")
         labels = self.labels
-        counts = self.window_counts(state)
+        counts = self._window_counts(state)
         total = sum(counts)
         latest_at = state.latest_at
         last_pane = _floor(latest_at / self._pane_s)
