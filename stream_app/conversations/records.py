@@ -236,7 +236,11 @@ class EscalationRecord(_Out):
 
 @dataclass(frozen=True, slots=True)
 class StateOutput:
-    """A ``conversation_state.v1`` document built by the tracker (valid by construction; tests prove it)."""
+    """A ``conversation_state.v1`` document built by the tracker (valid by construction; tests prove it).
+
+    Read-only: the entries of ``recent`` are shared with the conversation's later records (each message's
+    JSON form is built once); copy the document before changing it.
+    """
 
     doc: dict[str, Any]
 
@@ -260,7 +264,8 @@ class StateOutput:
 
 @dataclass(frozen=True, slots=True)
 class AlertOutput:
-    """An ``escalation.v1`` document built by the tracker (valid by construction; tests prove it)."""
+    """An ``escalation.v1`` document built by the tracker (valid by construction; tests prove it; read-only
+    as :class:`StateOutput`)."""
 
     doc: dict[str, Any]
 

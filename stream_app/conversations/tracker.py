@@ -166,8 +166,7 @@ class ConversationTracker:
         self._n_panes = self.window.n_panes
         self._rules = tuple((c, c.rule.rearm_after_messages) for c in self.checks)
         self._rule_names = tuple(c.rule.name for c in self.checks)
-        self._now_at = math.nan
-        self._now_text = ""
+        self._now_memo = (math.nan, "")  # one attribute, replaced whole: safe to read from any thread
 
     # -- state ----------------------------------------------------------------------------------------------
 
@@ -401,10 +400,11 @@ class ConversationTracker:
 
     def _now(self, now: float) -> str:
         """``now`` formatted; every record of a flush (and a record's two processing times) share it."""
-        if now != self._now_at:
-            self._now_text = format_time(now)
-            self._now_at = now
-        return self._now_text
+        at, text = self._now_memo
+        if now != at:
+            text = format_time(now)
+            self._now_memo = (now, text)
+        return text
 
     def snapshot(
         self, state: ConversationState, *, reason: StateReason = "snapshot", now: float | None = None
