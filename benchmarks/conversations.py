@@ -370,11 +370,11 @@ def main(argv: list[str] | None = None) -> int:
         f"median of {args.rounds} alternating rounds (µs; load average {os.getloadavg()[0]:.1f} on "
         f"{os.cpu_count()} CPUs)"
     )
-    header = f"{'variant':<10}{'CPU':>8}{'wall':>8}   CPU per round"
+    header = f"{'variant':<18}{'CPU':>8}{'wall':>8}   CPU per round"
     print(header)
-    print("-" * 64)
+    print("-" * 72)
     for name, r in rounds.items():
-        print(f"{name:<10}{per_message[name]:>8.1f}{per_message_wall[name]:>8.1f}   {', '.join(f'{x:.1f}' for x in r)}")
+        print(f"{name:<18}{per_message[name]:>8.1f}{per_message_wall[name]:>8.1f}   {', '.join(f'{x:.1f}' for x in r)}")
     print(f"rules add {per_message['memory'] - per_message['no-rules']:.1f} µs/message (memory - no-rules)")
     print(
         f"stage (the worker's path, flushes of {args.flush}): {per_message['stage']:.1f} µs/message; "
