@@ -19,9 +19,16 @@ time is recorded too, but on a shared machine it mostly measures the neighbours.
 * ``memory``: ``apply`` on states kept as objects (a worker that caches decoded states and writes bytes
   only at commit), records built but not serialised.
 * ``no-rules``: ``memory`` without rules: what the rules add is ``memory`` minus this.
+* ``stage``: the worker's own path, :class:`~stream_app.conversations.stage.ConversationStage` driven as the
+  emitter drives it: released slots in flushes of ``--flush`` (default 64, the worker's batch size), each
+  conversation's state applied in memory, its records serialised, its state encoded once per flush (the
+  changelog value) and handed to the store once "acknowledged" (a dict here, RocksDB there; neither
+  RocksDB nor Kafka is measured). Processing time is the arrival of each flush's last message. This is
+  the figure to hold against the worker's host path: apply + rules + records + amortised encode.
 
 Then: ``encode``, ``decode`` and a ``conversation_state.v1`` (built and serialised) per state (CPU time,
-best of 3), and a ``table`` pass timed message by message in wall time (p50, p99).
+best of 3), a ``table`` pass timed message by message in wall time (p50, p99), and why the records were
+emitted (a conversation's first message, a dominant change, the emission interval).
 Sizes: the encoded state of every conversation at the end (median, p90, p99, max), and a worst case
 built for real: ids of 256 four-byte characters (the chat_message.v1 limit), every label in every pane,
 a full rise history.
@@ -32,7 +39,9 @@ architecture aims the worker's loop at) and, when ``benchmarks/results/host-ceil
 its rounds).
 
 Run: ``.venv/bin/python benchmarks/conversations.py`` (about a minute on 2 cores). Prints a table and writes
-``benchmarks/results/conversations.json``.
+``benchmarks/results/conversations.json``. ``--compare-reference`` adds ``reference-memory``: the
+``memory`` variant with the straightforward implementation the tests keep as their oracle
+(``tests/unit/conversations/reference.py``, the code before the performance work), for before/after.
 """
 
 from __future__ import annotations
@@ -55,8 +64,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stream_app.conversations.rules import load_rules
+from stream_app.conversations.stage import ConversationStage
 from stream_app.conversations.state import ClassifiedMessage, ConversationState
 from stream_app.conversations.tracker import ConversationTracker
+from stream_app.core.slots import ChunkInfo, Lane, OutRecord, Result, Slot
+from stream_app.metrics import Metrics
+from stream_app.records import ChatMessage, rfc3339
 
 LABELS = ("anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise")
 TOPIC = "chat.messages.v1"
@@ -142,6 +155,90 @@ def run_memory(t: ConversationTracker, msgs: list[ClassifiedMessage], nows: list
     return {"emitted": emitted, "alerts": alerts, "conversations": len(states)}
 
 
+class DictStore:
+    """The stage's ``StateStore`` over a dict (the worker's is a RocksDB table partition)."""
+
+    changelog_topic = "emotion-conversations-v1-changelog"
+
+    def __init__(self) -> None:
+        self.data: dict[tuple[int, bytes], bytes] = {}
+
+    def holds(self, partition: int) -> bool:
+        return True
+
+    def get(self, partition: int, key: bytes) -> bytes | None:
+        return self.data.get((partition, key))
+
+    def put_local(self, partition: int, key: bytes, value: bytes | None) -> None:
+        if value is None:
+            self.data.pop((partition, key), None)
+        else:
+            self.data[(partition, key)] = value
+
+    def set_persisted_offset(self, partition: int, offset: int) -> None:
+        pass
+
+    def items(self, partition: int) -> list[tuple[bytes, bytes]]:
+        return [(k, v) for (p, k), v in self.data.items() if p == partition]
+
+    def partitions(self) -> list[int]:
+        return sorted({p for p, _ in self.data})
+
+
+def make_slots(msgs: list[ClassifiedMessage]) -> list[Slot]:
+    """The released slots the emitter would hand the stage for these messages (built before timing)."""
+    lane = Lane(0)
+    chunk = ChunkInfo(topic=TOPIC, received_wall=0.0, received_mono=0.0, received_at="")
+    out = []
+    for m in msgs:
+        chat = ChatMessage.model_validate(
+            {
+                "message_id": m.message_id,
+                "conversation_id": m.conversation_id,
+                "user_id": "u",
+                "text": "x",
+                "sent_at": rfc3339(m.sent_at),
+            }
+        )
+        result = Result(m.label_index, tuple(m.scores), False)
+        out.append(Slot(lane, m.offset, 0, None, None, (), chunk, message=chat, result=result))
+    return out
+
+
+def run_stage(
+    t: ConversationTracker, slots: list[Slot], nows: list[float], flush: int, metrics: Metrics
+) -> dict[str, float]:
+    clock = [0.0]
+    store = DictStore()
+    stage = ConversationStage(
+        t, store, states_topic="states", alerts_topic="alerts", metrics=metrics, wall_clock=lambda: clock[0]
+    )
+    records = changelog = 0
+    for start in range(0, len(slots), flush):
+        batch = slots[start : start + flush]
+        clock[0] = nows[start + len(batch) - 1]
+        out = stage.on_release(batch)
+        records += len(out.now)
+        after: list[OutRecord] = [r for _, r in out.after]
+        changelog += len(after)
+        if after:
+            stage.on_after_acked(store.changelog_topic, 0, after, start)
+    return {"records": records, "changelog": changelog, "conversations": len(store.data)}
+
+
+def emission_reasons(t: ConversationTracker, msgs: list[ClassifiedMessage], nows: list[float]) -> dict[str, int]:
+    """Why the records were emitted: ``first`` (a conversation's first message), ``dominant_changed``, ``interval``."""
+    states: dict[str, ConversationState] = {}
+    reasons = {"first": 0, "dominant_changed": 0, "interval": 0}
+    for m, now in zip(msgs, nows, strict=True):
+        u = t.apply(states.get(m.conversation_id), m, now=now)
+        states[m.conversation_id] = u.state
+        if u.emit is not None:
+            first = u.emit.reason == "dominant_changed" and u.state.message_count == 1
+            reasons["first" if first else u.emit.reason] += 1
+    return reasons
+
+
 def final_states(t: ConversationTracker, msgs: list[ClassifiedMessage], nows: list[float]) -> list[ConversationState]:
     states: dict[str, ConversationState] = {}
     for m, now in zip(msgs, nows, strict=True):
@@ -198,18 +295,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--host-path-us", type=float, default=55.0)
+    p.add_argument("--flush", type=int, default=64, help="released slots per flush in the stage variant")
+    p.add_argument(
+        "--compare-reference",
+        action="store_true",
+        help="also time the memory variant with tests/unit/conversations/reference.py (before the performance work)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS / "conversations.json")
     args = p.parse_args(argv)
 
     msgs, nows = make_stream(args.conversations, args.seed)
     n = len(msgs)
     with_rules, without_rules = make_tracker(True), make_tracker(False)
+    slots = make_slots(msgs)
+    metrics = Metrics()
     variants: dict[str, Callable[[], dict[str, float]]] = {
         "table": lambda: run_table(with_rules, msgs, nows),
         "memory": lambda: run_memory(with_rules, msgs, nows),
         "no-rules": lambda: run_memory(without_rules, msgs, nows),
+        "stage": lambda: run_stage(with_rules, slots, nows, args.flush, metrics),
     }
+    if args.compare_reference:
+        from tests.unit.conversations.reference import ReferenceTracker
+
+        reference = ReferenceTracker(labels=LABELS, rules=load_rules(labels=LABELS))
+        variants["reference-memory"] = lambda: run_memory(reference, msgs, nows)  # type: ignore[arg-type]
     counts = run_table(with_rules, msgs, nows)  # warm-up, and the emission/alert counts (deterministic)
+    stage_counts = run_stage(with_rules, slots, nows, args.flush, metrics)
+    reasons = emission_reasons(with_rules, msgs, nows)
     gc.collect()
     gc.freeze()
     rounds: dict[str, list[float]] = {name: [] for name in variants}
@@ -258,12 +371,16 @@ def main(argv: list[str] | None = None) -> int:
         f"median of {args.rounds} alternating rounds (µs; load average {os.getloadavg()[0]:.1f} on "
         f"{os.cpu_count()} CPUs)"
     )
-    header = f"{'variant':<10}{'CPU':>8}{'wall':>8}   CPU per round"
+    header = f"{'variant':<18}{'CPU':>8}{'wall':>8}   CPU per round"
     print(header)
-    print("-" * 64)
+    print("-" * 72)
     for name, r in rounds.items():
-        print(f"{name:<10}{per_message[name]:>8.1f}{per_message_wall[name]:>8.1f}   {', '.join(f'{x:.1f}' for x in r)}")
+        print(f"{name:<18}{per_message[name]:>8.1f}{per_message_wall[name]:>8.1f}   {', '.join(f'{x:.1f}' for x in r)}")
     print(f"rules add {per_message['memory'] - per_message['no-rules']:.1f} µs/message (memory - no-rules)")
+    print(
+        f"stage (the worker's path, flushes of {args.flush}): {per_message['stage']:.1f} µs/message; "
+        f"{stage_counts['changelog'] / n:.2f} state writes (encodes) per message"
+    )
     q = pcts(each_ns)
     print(f"table, message by message (wall): p50 {q['median']:.1f}  p99 {q['p99']:.1f}  max {q['max']:.0f} µs")
     print(
@@ -273,6 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"per message: {counts['emitted'] / n:.3f} conversation_state.v1 and {counts['alerts'] / n:.4f} escalation.v1 "
         f"records; {late} late messages and {dup} duplicates ignored"
+    )
+    print(
+        "conversation_state.v1 per message by reason: "
+        + ", ".join(f"{k} {v / n:.3f}" for k, v in reasons.items())
+        + " (the interval, emit_interval_s, dominates)"
     )
     s = pcts([float(x) for x in sizes])
     print(
@@ -304,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
         "decode_us": decode_us,
         "state_record_us": record_us,
         "emitted_per_message": counts["emitted"] / n,
+        "emitted_per_message_by_reason": {k: v / n for k, v in reasons.items()},
+        "stage_flush": args.flush,
+        "stage_state_writes_per_message": stage_counts["changelog"] / n,
         "alerts_per_message": counts["alerts"] / n,
         "late_ignored": late,
         "duplicates_ignored": dup,

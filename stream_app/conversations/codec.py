@@ -34,6 +34,7 @@ import functools
 import hashlib
 import struct
 from collections.abc import Sequence
+from itertools import compress
 
 from stream_app.conversations.state import ConversationState, Episode, RecentMessage
 
@@ -79,13 +80,14 @@ class StateCodec:
         rule_keys: Fingerprints of the current rules, in order; decoded episodes are matched to them.
     """
 
-    __slots__ = ("_fp", "_keys", "_mood", "_n")
+    __slots__ = ("_fp", "_keys", "_labels", "_mood", "_n")
 
     def __init__(self, labels: Sequence[str], rule_keys: Sequence[int]) -> None:
         self._n = len(labels)
         self._fp = labels_fingerprint(labels)
         self._keys = tuple(rule_keys)
         self._mood = struct.Struct(f"<{self._n}d")
+        self._labels = range(self._n)
 
     def encode(self, s: ConversationState) -> bytes:
         """Pack ``s`` into the layout above.
@@ -94,6 +96,87 @@ class StateCodec:
             ValueError: More panes, recent messages or episodes than the layout holds (255 each), an id
                 longer than 65,535 UTF-8 bytes, or a mood vector of the wrong length.
         """
+        n = self._n
+        mood = s.mood
+        panes = s.panes
+        recent = s.recent
+        episodes = s.episodes
+        if len(mood) != n:
+            raise ValueError(f"mood has {len(mood)} values for {n} labels")
+        if len(panes) > 255 or len(recent) > 255 or len(episodes) > 255:
+            raise ValueError("at most 255 panes, recent messages and episodes")
+        # Counters are packed as they are; one past its field's maximum (4.29e9 messages) makes struct
+        # refuse it, and the careful path below saturates it. The same bytes either way.
+        cid = s.conversation_id.encode()
+        try:
+            parts = [
+                _HEAD.pack(
+                    CODEC_VERSION,
+                    n,
+                    self._fp,
+                    s.last_seen_at,
+                    s.last_emitted_at,
+                    s.started_at,
+                    s.latest_at,
+                    s.dominant_since,
+                    s.mood_weight,
+                    s.message_count,
+                    s.late_ignored,
+                    s.duplicates_ignored,
+                    s.future_clamped,
+                    s.dominant_messages,
+                    s.source_partition,
+                    s.source_offset,
+                    s.dominant,
+                    len(cid),
+                    len(panes),
+                    len(recent),
+                    len(episodes),
+                ),
+                self._mood.pack(*mood),
+                cid,
+            ]
+            if panes:
+                newest = max(panes)
+                heads: list[int] = []
+                entries: list[int] = []
+                labels = self._labels
+                for pane, counts in panes.items():
+                    k = 0
+                    for i in compress(labels, counts):  # the labels with a non-zero count
+                        entries += (i, counts[i])
+                        k += 1
+                    heads += (newest - pane, k)
+                parts.append(_Q.pack(newest))
+                parts.append(_fmt("HB", len(panes)).pack(*heads))
+                parts.append(_fmt("BI", len(entries) // 2).pack(*entries))
+            if recent:
+                ids = [m.message_id.encode() for m in recent]
+                parts.append(_fmt("H", len(ids)).pack(*map(len, ids)))
+                parts += ids
+                parts.append(
+                    _recent_fmt(len(ids)).pack(
+                        *[m.sent_at for m in recent], *[m.label for m in recent], *[m.score for m in recent]
+                    )
+                )
+            for e in episodes:
+                h = e.history
+                parts.append(
+                    _EPISODE.pack(e.key, _FLAG_ACTIVE if e.active else 0, e.streak, e.fired, e.recover_level, len(h))
+                )
+                if h:
+                    newest = h[-1][0]
+                    flat: list[float] = []
+                    for bucket, v in h:
+                        flat += (newest - bucket, v)
+                    parts.append(_Q.pack(newest))
+                    parts.append(_fmt("Hd", len(h)).pack(*flat))
+        except struct.error:
+            return self._encode_saturating(s)
+        return b"".join(parts)
+
+    def _encode_saturating(self, s: ConversationState) -> bytes:
+        """:meth:`encode` with every counter saturated at its field's maximum (and any other error raised)."""
         if len(s.mood) != self._n:
             raise ValueError(f"mood has {len(s.mood)} values for {self._n} labels")
         if len(s.panes) > 255 or len(s.recent) > 255 or len(s.episodes) > 255:

@@ -14,12 +14,16 @@ record cost about ten times as much as building the dict (``benchmarks/conversat
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
+
+from stream_app.records import rfc3339
 
 __all__ = [
     "AlertEvidence",
@@ -38,6 +42,8 @@ __all__ = [
     "StateSource",
     "StateWindow",
     "alert_id_for",
+    "format_time",
+    "round6",
 ]
 
 StateReason = Literal["dominant_changed", "interval", "snapshot", "alert"]
@@ -49,6 +55,66 @@ def alert_id_for(topic: str, partition: int, offset: int, rule: str) -> str:
     A replay that fires the same rule at the same message again (at-least-once) gives the same id.
     """
     return hashlib.blake2b(f"{topic}\x00{partition}\x00{offset}\x00{rule}".encode(), digest_size=16).hexdigest()
+
+
+@functools.lru_cache(maxsize=4096)
+def _day_prefix(day: int) -> str:
+    """``YYYY-MM-DDT`` of the UTC day ``day`` days after the epoch (from :func:`rfc3339` itself)."""
+    return rfc3339(day * 86_400.0)[:11]
+
+
+# "HH:MM:" of each minute of a day, "SS" and ".mmm": format specs in an f-string cost 0.1 µs each
+_MINUTES = tuple(f"{m // 60:02d}:{m % 60:02d}:" for m in range(1440))
+_SECONDS = tuple(f"{s:02d}" for s in range(60))
+_MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))
+
+
+def format_time(ts: float) -> str:
+    """:func:`stream_app.records.rfc3339` (``2026-11-18T10:00:00.123Z``), at a fraction of its cost.
+
+    The same result for every finite ``ts`` (a hypothesis test walks the whole range): the microseconds
+    are rounded half to even as ``datetime.fromtimestamp`` rounds them, then cut to milliseconds as
+    ``isoformat(timespec="milliseconds")`` cuts them; only the date comes from ``datetime`` (once per day).
+
+    Raises:
+        ValueError: A time outside years 1 to 9999 (as ``rfc3339``).
+        OverflowError: An infinite ``ts``.
+    """
+    frac, whole = math.modf(ts)
+    us = round(frac * 1e6)
+    sec = int(whole)
+    if us >= 1_000_000:
+        sec += 1
+        us -= 1_000_000
+    elif us < 0:
+        sec -= 1
+        us += 1_000_000
+    day, rem = divmod(sec, 86_400)
+    minute, second = divmod(rem, 60)
+    return f"{_day_prefix(day)}{_MINUTES[minute]}{_SECONDS[second]}{_MILLIS[us // 1000]}"
+
+
+def round6(x: float) -> float:
+    """``round(x, 6)``, exactly, at a fraction of its cost for the shares and scores of the records.
+
+    ``round(x, 6)`` finds the correctly rounded decimal through a string conversion (about 0.4 µs); the
+    records round a dozen numbers each. For ``0 < x < 4294`` the scaled value ``x * 1e6`` is off the exact
+    one by at most 2**-21, so when its fraction is not within 1e-6 of one half the integer it rounds to is
+    the one ``round`` finds, and ``r / 1e6`` (a correctly rounded division) is the double ``round`` returns.
+    Zeros come back as they are (``round`` keeps their sign); near halves, negatives, large and
+    non-finite values go to ``round`` itself.
+    """
+    if 0.0 < x < 4294.0:
+        y = x * 1e6
+        r = int(y)
+        f = y - r
+        if f < 0.499999:
+            return r / 1e6
+        if f > 0.500001:
+            return (r + 1) / 1e6
+    elif x == 0.0:
+        return x  # round keeps the zero's sign
+    return round(x, 6)
 
 
 class _Out(BaseModel):
@@ -170,7 +236,11 @@ class EscalationRecord(_Out):
 
 @dataclass(frozen=True, slots=True)
 class StateOutput:
-    """A ``conversation_state.v1`` document built by the tracker (valid by construction; tests prove it)."""
+    """A ``conversation_state.v1`` document built by the tracker (valid by construction; tests prove it).
+
+    Read-only: the entries of ``recent`` are shared with the conversation's later records (each message's
+    JSON form is built once); copy the document before changing it.
+    """
 
     doc: dict[str, Any]
 
@@ -194,7 +264,8 @@ class StateOutput:
 
 @dataclass(frozen=True, slots=True)
 class AlertOutput:
-    """An ``escalation.v1`` document built by the tracker (valid by construction; tests prove it)."""
+    """An ``escalation.v1`` document built by the tracker (valid by construction; tests prove it; read-only
+    as :class:`StateOutput`)."""
 
     doc: dict[str, Any]
 

@@ -392,8 +392,17 @@ class Observation(NamedTuple):
     recover_level: float = 0.0
 
 
+# (met, recovering) of the kinds whose recovery is "the fire condition is false"
+_MET = (True, False)
+_NOT_MET = (False, True)
+
+
 class Check:
     """A rule bound to a label list: evaluates the rule on a conversation's state.
+
+    The tracker calls :meth:`probe` after every applied message (the cheap part: two booleans, no
+    :class:`Observation`) and :meth:`observation` only when the rule fires; :meth:`observe` is the two
+    together, for callers that want the whole picture at once.
 
     Attributes:
         rule: The rule.
@@ -401,7 +410,7 @@ class Check:
         members: Indices of the rule's labels in the tracker's label list.
     """
 
-    __slots__ = ("key", "members", "rule")
+    __slots__ = ("_member", "key", "members", "rule")
 
     def __init__(self, rule: Rule, label_list: Sequence[str]) -> None:
         unknown = [label for label in rule.labels if label not in label_list]
@@ -415,10 +424,24 @@ class Check:
         self.rule = rule
         self.members = frozenset(label_list.index(label) for label in rule.labels)
         self.key = _fingerprint(rule)
+        # membership by label index: a tuple subscript is cheaper than a frozenset lookup
+        self._member = tuple(i in self.members for i in range(len(label_list)))
+
+    def probe(self, state: ConversationState, episode: Episode, shares: Sequence[float]) -> tuple[bool, bool]:
+        """``(met, recovering)`` after a message was applied to ``state`` (may update ``episode.history``).
+
+        Call once per applied message, before :meth:`observation`.
+        """
+        raise NotImplementedError
+
+    def observation(self, state: ConversationState, episode: Episode, shares: Sequence[float]) -> Observation:
+        """The full :class:`Observation` of the state :meth:`probe` just evaluated (changes nothing)."""
+        raise NotImplementedError
 
     def observe(self, state: ConversationState, episode: Episode, shares: Sequence[float]) -> Observation:
         """Evaluate the rule after a message was applied to ``state`` (may update ``episode.history``)."""
-        raise NotImplementedError
+        self.probe(state, episode, shares)
+        return self.observation(state, episode, shares)
 
     def evidence(self, state: ConversationState) -> list[RecentMessage]:
         """The recent messages that support a firing now."""
@@ -439,21 +462,37 @@ def _fingerprint(rule: Rule) -> int:
 
 
 class _ShareCheck(Check):
-    __slots__ = ()
+    __slots__ = ("_last", "_min_messages", "_min_score", "_threshold")
     rule: ShareRule
 
-    def observe(self, state: ConversationState, episode: Episode, shares: Sequence[float]) -> Observation:
-        r = self.rule
-        window = state.recent[-r.last_messages :]
-        n = len(window)
-        members = self.members
-        floor = r.min_score
+    def __init__(self, rule: Rule, label_list: Sequence[str]) -> None:
+        super().__init__(rule, label_list)
+        assert isinstance(rule, ShareRule)
+        self._last = rule.last_messages
+        self._min_messages = rule.min_messages
+        self._min_score = rule.min_score
+        self._threshold = rule.min_share - _EPS
+
+    def _hits(self, window: list[RecentMessage]) -> int:
+        member = self._member
+        floor = self._min_score
         if floor > 0.0:
-            hits = sum([m.label in members and m.score >= floor for m in window])
-        else:
-            hits = sum([m.label in members for m in window])
-        share = hits / n if n else 0.0
-        met = n >= r.min_messages and share >= r.min_share - _EPS
+            return sum([member[m.label] and m.score >= floor for m in window])
+        return sum([member[m.label] for m in window])
+
+    def probe(self, state: ConversationState, episode: Episode, shares: Sequence[float]) -> tuple[bool, bool]:
+        window = state.recent[-self._last :]
+        n = len(window)
+        if n < self._min_messages:
+            return _NOT_MET
+        return _MET if self._hits(window) / n >= self._threshold else _NOT_MET
+
+    def observation(self, state: ConversationState, episode: Episode, shares: Sequence[float]) -> Observation:
+        r = self.rule
+        window = state.recent[-self._last :]
+        n = len(window)
+        share = self._hits(window) / n if n else 0.0
+        met = n >= r.min_messages and share >= self._threshold
         return Observation(met, not met, share, r.min_share)
 
     def evidence(self, state: ConversationState) -> list[RecentMessage]:
@@ -464,30 +503,42 @@ class _ShareCheck(Check):
 
 
 class _ConsecutiveCheck(Check):
-    __slots__ = ()
+    __slots__ = ("_count", "_min_score")
     rule: ConsecutiveRule
 
-    def _run(self, state: ConversationState) -> int:
-        members = self.members
-        floor = self.rule.min_score
+    def __init__(self, rule: Rule, label_list: Sequence[str]) -> None:
+        super().__init__(rule, label_list)
+        assert isinstance(rule, ConsecutiveRule)
+        self._count = rule.count
+        self._min_score = rule.min_score
+
+    def _run(self, state: ConversationState, cap: int | None = None) -> int:
+        """Length of the run of member messages at the end of the recent ones (counted up to ``cap``)."""
+        member = self._member
+        floor = self._min_score
         run = 0
         for m in reversed(state.recent):
-            if m.label not in members or m.score < floor:
+            if not member[m.label] or m.score < floor:
                 break
             run += 1
+            if run == cap:
+                break
         return run
 
-    def observe(self, state: ConversationState, episode: Episode, shares: Sequence[float]) -> Observation:
+    def probe(self, state: ConversationState, episode: Episode, shares: Sequence[float]) -> tuple[bool, bool]:
+        return _MET if self._run(state, self._count) >= self._count else _NOT_MET
+
+    def observation(self, state: ConversationState, episode: Episode, shares: Sequence[float]) -> Observation:
         run = self._run(state)
-        met = run >= self.rule.count
-        return Observation(met, not met, float(run), float(self.rule.count))
+        met = run >= self._count
+        return Observation(met, not met, float(run), float(self._count))
 
     def evidence(self, state: ConversationState) -> list[RecentMessage]:
         return state.recent[-self._run(state) :]
 
 
 class _RiseCheck(Check):
-    __slots__ = ("_bucket_s", "_order")
+    __slots__ = ("_bucket_s", "_min_level", "_min_rise", "_order")
     rule: RiseRule
 
     def __init__(self, rule: Rule, label_list: Sequence[str]) -> None:
@@ -495,11 +546,15 @@ class _RiseCheck(Check):
         assert isinstance(rule, RiseRule)
         self._bucket_s = rule.within_s / RISE_BUCKETS
         self._order = tuple(sorted(self.members))  # a fixed summation order: the same level bit for bit
+        self._min_rise = rule.min_rise - _EPS
+        self._min_level = rule.min_level - _EPS
 
-    def observe(self, state: ConversationState, episode: Episode, shares: Sequence[float]) -> Observation:
-        r = self.rule
+    def _level(self, shares: Sequence[float]) -> float:
         order = self._order
-        level = shares[order[0]] if len(order) == 1 else math.fsum(shares[i] for i in order)
+        return shares[order[0]] if len(order) == 1 else math.fsum([shares[i] for i in order])
+
+    def probe(self, state: ConversationState, episode: Episode, shares: Sequence[float]) -> tuple[bool, bool]:
+        level = self._level(shares)
         bucket = math.floor(state.latest_at / self._bucket_s)
         history = episode.history
         if history and history[-1][0] == bucket:
@@ -510,9 +565,15 @@ class _RiseCheck(Check):
         oldest = bucket - RISE_BUCKETS + 1
         while history[0][0] < oldest:
             del history[0]
-        baseline = min([v for _, v in history])
+        met = level >= self._min_level and level - min([v for _, v in history]) >= self._min_rise
+        return met, level <= episode.recover_level + _EPS
+
+    def observation(self, state: ConversationState, episode: Episode, shares: Sequence[float]) -> Observation:
+        r = self.rule
+        level = self._level(shares)
+        baseline = min([v for _, v in episode.history])
         rise = level - baseline
-        met = rise >= r.min_rise - _EPS and level >= r.min_level - _EPS
+        met = rise >= self._min_rise and level >= self._min_level
         recovering = level <= episode.recover_level + _EPS
         return Observation(met, recovering, rise, r.min_rise, baseline + r.min_rise / 2)
 

@@ -147,57 +147,62 @@ class ConversationStage:
     # ------------------------------------------------------------------ the release stage
     def on_release(self, slots: Sequence[Slot], partition: int | None = None) -> StageOutput:
         out = StageOutput()
+        now_records = out.now
         touched: dict[tuple[int, bytes], ConversationState] = {}
+        # whether the store holds a partition cannot change during this call (no await): asked once each
+        held: dict[int, bool] = {}
         now = self.wall_clock()
-        tracker = self.tracker
+        apply = self.tracker.apply
+        states_topic = self.states_topic
         for s in slots:
             m = s.message
             r = s.result
-            if s.dead is not None or m is None or r is None or s.lane.dead:
+            lane = s.lane
+            if s.dead is not None or m is None or r is None or lane.dead:
                 continue
-            partition = s.lane.partition
-            if not self.store.holds(partition):
+            p = lane.partition  # not `partition`: that one says which transaction this is
+            holds = held.get(p)
+            if holds is None:
+                holds = held[p] = self.store.holds(p)
+            if not holds:
                 self.skipped += 1
                 continue
-            key = m.conversation_id.encode()
-            ident = (partition, key)
-            state = touched.get(ident) or self._load(partition, key, m.conversation_id)
+            cid = m.conversation_id
+            key = cid.encode()
+            ident = (p, key)
+            state = touched.get(ident) or self._load(p, key, cid)
             msg = ClassifiedMessage(
-                conversation_id=m.conversation_id,
-                message_id=m.message_id,
-                sent_at=m.sent_at.timestamp(),
-                label_index=r.label_index,
-                scores=r.scores,
-                topic=s.chunk.topic,
-                partition=partition,
-                offset=s.offset,
+                cid, m.message_id, m.sent_at.timestamp(), r.label_index, r.scores, s.chunk.topic, p, s.offset
             )
             try:
-                update = tracker.apply(state, msg, now)
+                update = apply(state, msg, now)
             except ValueError as exc:  # a message the tracker cannot take is that message's problem only
                 self.metrics.errors_total.labels("conversations").inc()
-                _log.warning("conversation %r: message %r not applied: %r", m.conversation_id, m.message_id, exc)
+                _log.warning("conversation %r: message %r not applied: %r", cid, m.message_id, exc)
                 continue
             if update.changed:
                 touched[ident] = update.state
             if update.emit is not None:
-                out.now.append((self.states_topic, OutRecord(key, update.emit.to_json(), [])))
+                now_records.append((states_topic, OutRecord(key, update.emit.to_json(), [])))
             for alert in update.alerts:
-                out.now.append((self.alerts_topic, OutRecord(key, alert.to_json(), [])))
+                now_records.append((self.alerts_topic, OutRecord(key, alert.to_json(), [])))
                 self._alerts.labels(alert.rule).inc()
         changelog = self.store.changelog_topic
-        for (partition, key), state in touched.items():
-            raw = tracker.encode(state)
-            self._pending[(partition, key)] = (state, raw)
-            out.after.append((changelog, OutRecord(key, raw, [], partition)))
+        encode = self.tracker.encode
+        pending = self._pending
+        after = out.after
+        for ident, state in touched.items():
+            raw = encode(state)
+            pending[ident] = (state, raw)
+            after.append((changelog, OutRecord(ident[1], raw, [], ident[0])))
         if self._tombstones:
             if partition is None:
-                out.after.extend(self._tombstones)
+                after.extend(self._tombstones)
                 self._tombstones = []
             else:  # one partition's transaction: only its own tombstones
                 mine = [t for t in self._tombstones if t[1].partition == partition]
                 if mine:
-                    out.after.extend(mine)
+                    after.extend(mine)
                     self._tombstones = [t for t in self._tombstones if t[1].partition != partition]
         return out
 

@@ -14,13 +14,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 __all__ = ["ClassifiedMessage", "ConversationState", "Episode", "RecentMessage"]
 
 
-@dataclass(frozen=True, slots=True)
-class ClassifiedMessage:
+class ClassifiedMessage(NamedTuple):
     """One classified chat message, as the worker hands it over after inference.
+
+    A named tuple rather than a frozen dataclass: one is built per message, and a frozen dataclass's
+    ``__init__`` (``object.__setattr__`` per field) cost three times as much.
 
     Attributes:
         conversation_id: The conversation (the input's key).
@@ -48,13 +51,16 @@ class RecentMessage:
     """One of the last messages of a conversation: the evidence alerts cite.
 
     ``score`` is the probability of ``label``, rounded to float32 when the message is applied, so the value
-    held in memory and the one read back from the table are the same number.
+    held in memory and the one read back from the table are the same number. Treated as immutable once
+    built: ``view`` caches the message's JSON form for the records (``recent`` and alert evidence), built
+    once by the tracker that shows it; it is not part of the state (not compared, not encoded).
     """
 
     message_id: str
     sent_at: float
     label: int
     score: float
+    view: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def sort_key(self) -> tuple[float, str]:
         """Order of the recent list: event time, then message id (so any arrival order sorts alike)."""
@@ -111,6 +117,9 @@ class ConversationState:
         panes: Window panes, ``{pane_index: [count per label]}``, only non-empty ones inside the window.
         recent: The last messages by event time (then message id), oldest first.
         episodes: One per rule, in the tracker's rule order.
+        window_counts: Label counts summed over ``panes``, kept up to date by the tracker as it changes
+            the panes (None: not known yet, summed when first needed); derived, so neither compared nor
+            encoded. The panes, like the rest of the state, are the tracker's to change.
     """
 
     conversation_id: str
@@ -132,6 +141,7 @@ class ConversationState:
     panes: dict[int, list[int]] = field(default_factory=dict)
     recent: list[RecentMessage] = field(default_factory=list)
     episodes: list[Episode] = field(default_factory=list)
+    window_counts: list[int] | None = field(default=None, compare=False, repr=False)
 
     def mood_shares(self) -> list[float]:
         """The decayed mood as shares of the decayed message count (each in [0, 1]; zeros when empty)."""

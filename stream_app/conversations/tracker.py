@@ -37,27 +37,35 @@ from __future__ import annotations
 import bisect
 import functools
 import math
+import operator
 import struct
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from stream_app.conversations.codec import StateCodec
-from stream_app.conversations.records import AlertOutput, StateOutput, StateReason, alert_id_for
+from stream_app.conversations.records import (
+    AlertOutput,
+    StateOutput,
+    StateReason,
+    alert_id_for,
+    format_time,
+    round6,
+)
 from stream_app.conversations.rules import Check, Observation, Rule, compile_rules
 from stream_app.conversations.state import ClassifiedMessage, ConversationState, Episode, RecentMessage
-from stream_app.conversations.windows import PaneWindow, decay_factor
-from stream_app.records import rfc3339
+from stream_app.conversations.windows import PaneWindow
 
 __all__ = ["ConversationTracker", "Outcome", "Update", "is_expired"]
 
 Outcome = Literal["applied", "replay", "late", "duplicate"]
 _F32 = struct.Struct("<f")
-_ROUND = 6  # decimals of shares and scores in the JSON records (the state itself keeps full precision)
-# The same event times are formatted again and again (a conversation's recent messages appear in every
-# record of it); datetime formatting is the largest single cost of building a record.
-_ts = functools.lru_cache(maxsize=16_384)(rfc3339)
+# The same times are formatted again and again (a conversation's start, latest message and window bounds
+# appear in every record of it, the processing time in every record of a flush).
+_ts = functools.lru_cache(maxsize=16_384)(format_time)
+_key = operator.attrgetter("key")
+_exp2 = math.exp2
+_floor = math.floor
 
 
 def is_expired(state: ConversationState, now: float, ttl_s: float) -> bool:
@@ -65,9 +73,8 @@ def is_expired(state: ConversationState, now: float, ttl_s: float) -> bool:
     return now - state.last_seen_at >= ttl_s
 
 
-@dataclass(frozen=True, slots=True)
-class Update:
-    """What applying one message did.
+class Update(NamedTuple):
+    """What applying one message did (a named tuple: one is built per message).
 
     Attributes:
         state: The conversation's state (the same object that was passed in, or a new one).
@@ -154,6 +161,12 @@ class ConversationTracker:
         self._keys = tuple(c.key for c in self.checks)
         self._key_list = list(self._keys)
         self.codec = StateCodec(self.labels, self._keys)
+        # hot-path copies (attribute lookups through self.window and self.checks add up per message)
+        self._pane_s = self.window.pane_s
+        self._n_panes = self.window.n_panes
+        self._rules = tuple((c, c.rule.rearm_after_messages) for c in self.checks)
+        self._rule_names = tuple(c.rule.name for c in self.checks)
+        self._now_memo = (math.nan, "")  # one attribute, replaced whole: safe to read from any thread
 
     # -- state ----------------------------------------------------------------------------------------------
 
@@ -199,29 +212,33 @@ class ConversationTracker:
             ValueError: ``msg`` is malformed (scores of the wrong length or outside [0, 1], a label index
                 out of range, a non-finite ``sent_at``) or belongs to another conversation.
         """
+        # Every step updates the state in place from the one message: nothing here walks the window, the
+        # whole recent list or the label vector more than once. tests/unit/conversations/reference.py is
+        # the straightforward version; test_conversations_equivalence.py proves they agree.
         if now is None:
             now = self._clock()
+        conversation_id, message_id, sent_at, label, raw_scores, _, partition, offset = msg
         n = self._n
-        scores = [float(s) for s in msg.scores]
-        label = msg.label_index
+        scores = list(map(float, raw_scores))
         if len(scores) != n or not 0 <= label < n:
-            raise ValueError(f"message {msg.message_id!r}: {len(scores)} scores / label {label} for {n} labels")
-        if not (min(scores) >= 0.0 and max(scores) <= 1.0) or any(map(math.isnan, scores)):
-            raise ValueError(f"message {msg.message_id!r}: scores must be in [0, 1], got {scores}")
-        sent_at = float(msg.sent_at)
+            raise ValueError(f"message {message_id!r}: {len(scores)} scores / label {label} for {n} labels")
+        # a NaN anywhere makes the sum NaN (min and max may step over it)
+        if not (min(scores) >= 0.0 and max(scores) <= 1.0) or math.isnan(sum(scores)):
+            raise ValueError(f"message {message_id!r}: scores must be in [0, 1], got {scores}")
+        sent_at = float(sent_at)
         if not math.isfinite(sent_at):
-            raise ValueError(f"message {msg.message_id!r}: sent_at must be finite, got {sent_at}")
+            raise ValueError(f"message {message_id!r}: sent_at must be finite, got {sent_at}")
         if state is None:
-            state = self.new_state(msg.conversation_id)
-        elif state.conversation_id != msg.conversation_id:
-            raise ValueError(f"message of {msg.conversation_id!r} applied to the state of {state.conversation_id!r}")
-        elif [e.key for e in state.episodes] != self._key_list:
+            state = self.new_state(conversation_id)
+        elif state.conversation_id != conversation_id:
+            raise ValueError(f"message of {conversation_id!r} applied to the state of {state.conversation_id!r}")
+        elif list(map(_key, state.episodes)) != self._key_list:
             self.codec.align(state)  # a state built for other rules (decode aligns already)
 
-        if msg.partition == state.source_partition and msg.offset <= state.source_offset:
-            return Update(state, "replay", changed=False)
-        state.source_partition = msg.partition
-        state.source_offset = msg.offset
+        if partition == state.source_partition and offset <= state.source_offset:
+            return Update(state, "replay", False)
+        state.source_partition = partition
+        state.source_offset = offset
         state.last_seen_at = now
 
         if sent_at > now + self.max_future_skew_s:
@@ -231,55 +248,75 @@ class ConversationTracker:
         latest = state.latest_at
         if not first and sent_at < latest - self.allowed_lateness_s:
             state.late_ignored += 1
-            return Update(state, "late", changed=True)
-        message_id = msg.message_id
-        for m in state.recent:
+            return Update(state, "late", True)
+        recent = state.recent
+        for m in recent:
             if m.message_id == message_id:
                 state.duplicates_ignored += 1
-                return Update(state, "duplicate", changed=True)
+                return Update(state, "duplicate", True)
 
-        # count and mood
+        # count and mood (a late message's weight is what it would have now had it come in order)
         state.message_count += 1
-        half_life = self.mood_half_life_s
         if first:
             state.started_at = latest = sent_at
-            state.mood = scores
-            state.mood_weight = 1.0
-        elif sent_at >= latest:
-            d = decay_factor(sent_at - latest, half_life) if sent_at > latest else 1.0
-            state.mood = [m * d + s for m, s in zip(state.mood, scores, strict=True)]
-            state.mood_weight = state.mood_weight * d + 1.0
+            state.mood = mood = scores
+            state.mood_weight = w = 1.0
+        elif sent_at > latest:
+            d = _exp2(-(sent_at - latest) / self.mood_half_life_s)
+            state.mood = mood = [m * d + s for m, s in zip(state.mood, scores, strict=True)]
+            state.mood_weight = w = state.mood_weight * d + 1.0
             latest = sent_at
-        else:  # late, within the allowance: its weight is what it would have now had it come in order
-            d = decay_factor(latest - sent_at, half_life)
-            state.mood = [m + s * d for m, s in zip(state.mood, scores, strict=True)]
-            state.mood_weight += d
-            state.started_at = min(state.started_at, sent_at)
-        advanced = latest != state.latest_at or first
+        elif sent_at == latest:  # decay by 1.0 (m * 1.0 + s is m + s)
+            state.mood = mood = [m + s for m, s in zip(state.mood, scores, strict=True)]
+            state.mood_weight = w = state.mood_weight + 1.0
+        else:
+            d = _exp2(-(latest - sent_at) / self.mood_half_life_s)
+            state.mood = mood = [m + s * d for m, s in zip(state.mood, scores, strict=True)]
+            state.mood_weight = w = state.mood_weight + d
+            if sent_at < state.started_at:
+                state.started_at = sent_at
+        advanced = first or latest != state.latest_at
         state.latest_at = latest
 
-        # window
-        self.window.add(state.panes, sent_at, label, latest, n)
-        if advanced:
-            self.window.prune(state.panes, latest)
+        # window: the message's own pane, if still inside; the panes that slid out go (and their counts
+        # leave the window's sum)
+        panes = state.panes
+        window = state.window_counts
+        pane_s = self._pane_s
+        oldest = _floor(latest / pane_s) - self._n_panes + 1
+        pane = _floor(sent_at / pane_s)
+        if pane >= oldest:
+            counts = panes.get(pane)
+            if counts is None:
+                counts = panes[pane] = [0] * n
+            counts[label] += 1
+            if window is not None:
+                window[label] += 1
+        if advanced and min(panes) < oldest:
+            for p in [p for p in panes if p < oldest]:
+                gone = panes.pop(p)
+                if window is not None:
+                    state.window_counts = window = [w - g for w, g in zip(window, gone, strict=True)]
 
         # recent messages, by event time then message id
         rec = RecentMessage(message_id, sent_at, label, _F32.unpack(_F32.pack(scores[label]))[0])
-        recent = state.recent
-        if not recent or rec.sort_key() >= recent[-1].sort_key():
-            recent.append(rec)
+        if recent:
+            last = recent[-1]
+            if sent_at > last.sent_at or (sent_at == last.sent_at and message_id >= last.message_id):
+                recent.append(rec)
+            else:
+                bisect.insort(recent, rec, key=RecentMessage.sort_key)
+            if len(recent) > self.history_messages:
+                del recent[0]
         else:
-            bisect.insort(recent, rec, key=RecentMessage.sort_key)
-        if len(recent) > self.history_messages:
-            del recent[0]
+            recent.append(rec)
 
         # dominant emotion
-        shares = state.mood_shares()
-        best = max(range(n), key=shares.__getitem__)
+        shares = [m / w for m in mood] if w > 0 else [0.0] * n
+        top = max(shares)
+        best = shares.index(top)  # the first of equal shares, as max(range(n), key=...) picks
         dominant = state.dominant
-        dominant_changed = dominant < 0 or (
-            best != dominant and shares[best] > shares[dominant] + self.dominant_min_margin
-        )
+        dominant_changed = dominant < 0 or (best != dominant and top > shares[dominant] + self.dominant_min_margin)
         if dominant_changed:
             state.dominant = best
             state.dominant_since = latest
@@ -287,51 +324,87 @@ class ConversationTracker:
         else:
             state.dominant_messages += 1
 
-        # rules
-        fired: list[tuple[Check, Episode, Observation]] = []
-        for check, episode in zip(self.checks, state.episodes, strict=True):
-            obs = check.observe(state, episode, shares)
+        # rules: a cheap probe each; the full observation only when one fires
+        fired: list[tuple[Check, Episode, Observation]] | None = None
+        for (check, rearm), episode in zip(self._rules, state.episodes, strict=True):
+            met, recovering = check.probe(state, episode, shares)
             if episode.active:
-                if obs.recovering:
+                if recovering:
                     episode.streak += 1
-                    if episode.streak >= check.rule.rearm_after_messages:
+                    if episode.streak >= rearm:
                         episode.active = False
                         episode.streak = 0
                 else:
                     episode.streak = 0
-            elif obs.met:
+            elif met:
+                obs = check.observation(state, episode, shares)
                 episode.active = True
                 episode.streak = 0
                 episode.fired += 1
                 episode.recover_level = obs.recover_level
+                if fired is None:
+                    fired = []
                 fired.append((check, episode, obs))
 
         # emission
-        reason: StateReason | None = None
-        if dominant_changed:
-            reason = "dominant_changed"
-        elif now - state.last_emitted_at >= self.emit_interval_s:
-            reason = "interval"
         emit = None
-        if reason is not None:
+        if dominant_changed:
             state.last_emitted_at = now
-            emit = self.snapshot(state, reason=reason, now=now)
+            emit = StateOutput(self._state_doc(state, "dominant_changed", now))
+        elif now - state.last_emitted_at >= self.emit_interval_s:
+            state.last_emitted_at = now
+            emit = StateOutput(self._state_doc(state, "interval", now))
+        if fired is None:
+            return Update(state, "applied", True, dominant_changed, emit)
         alerts = tuple(self._alert(state, msg, check, episode, obs, now) for check, episode, obs in fired)
-        return Update(state, "applied", changed=True, dominant_changed=dominant_changed, emit=emit, alerts=alerts)
+        return Update(state, "applied", True, dominant_changed, emit, alerts)
 
     # -- records --------------------------------------------------------------------------------------------
 
     def window_counts(self, state: ConversationState) -> list[int]:
         """Label counts over the conversation's current window (ending with its latest message's pane)."""
-        return PaneWindow.counts(state.panes, self._n)
+        return list(self._window_counts(state))
+
+    def _window_counts(self, state: ConversationState) -> list[int]:
+        """``state.window_counts``, summed from the panes the first time (then :meth:`apply` keeps it)."""
+        window = state.window_counts
+        if window is None:
+            panes = state.panes
+            window = state.window_counts = (
+                [sum(column) for column in zip(*panes.values(), strict=True)] if panes else [0] * self._n
+            )
+        return window
 
     def _message(self, m: RecentMessage) -> dict[str, Any]:
-        return {
-            "message_id": m.message_id,
-            "label": self.labels[m.label],
-            "score": round(m.score, _ROUND),
-            "sent_at": _ts(m.sent_at),
-        }
+        """The JSON form of a recent message, built once per message and kept on it (``view``)."""
+        label = self.labels[m.label]
+        view = m.view
+        if view is None or view["label"] is not label:  # none yet, or built by a tracker with other labels
+            view = m.view = {
+                "message_id": m.message_id,
+                "label": label,
+                "score": round6(m.score),
+                "sent_at": format_time(m.sent_at),  # once per message: not worth a place in _ts
+            }
+        return view
+
+    def _views(self, messages: list[RecentMessage]) -> list[dict[str, Any]]:
+        labels = self.labels
+        out = []
+        for m in messages:
+            view = m.view
+            if view is None or view["label"] is not labels[m.label]:
+                view = self._message(m)
+            out.append(view)
+        return out
+
+    def _now(self, now: float) -> str:
+        """``now`` formatted; every record of a flush (and a record's two processing times) share it."""
+        at, text = self._now_memo
+        if now != at:
+            text = format_time(now)
+            self._now_memo = (now, text)
+        return text
 
     def snapshot(
         self, state: ConversationState, *, reason: StateReason = "snapshot", now: float | None = None
@@ -347,11 +420,18 @@ class ConversationTracker:
         if state.message_count < 1 or state.dominant < 0:
             raise ValueError(f"conversation {state.conversation_id!r} has no applied message")
         labels = self.labels
-        counts = self.window_counts(state)
+        counts = self._window_counts(state)
         total = sum(counts)
-        start, end = self.window.bounds(state.latest_at)
+        latest_at = state.latest_at
+        last_pane = _floor(latest_at / self._pane_s)
         w = state.mood_weight
-        latest = _ts(state.latest_at)
+        recent = self._views(state.recent[-self.recent_messages :])
+        last = state.recent[-1] if state.recent else None
+        # the latest event time is the newest recent message's (formatted already) but for odd states
+        latest = (
+            last.view["sent_at"] if last is not None and last.sent_at == latest_at and last.view else _ts(latest_at)
+        )
+        seen_at = state.last_seen_at
         return {
             "schema": "conversation_state.v1",
             "conversation_id": state.conversation_id,
@@ -366,35 +446,35 @@ class ConversationTracker:
             "last_message_at": latest,
             "window": {
                 "length_s": self.window.window_s,
-                "pane_s": self.window.pane_s,
-                "start": _ts(start),
-                "end": _ts(end),
+                "pane_s": self._pane_s,
+                "start": _ts((last_pane - self._n_panes + 1) * self._pane_s),
+                "end": _ts((last_pane + 1) * self._pane_s),
                 "message_count": total,
                 "counts": dict(zip(labels, counts, strict=True)),
-                "distribution": {
-                    label: (round(c / total, _ROUND) if total else 0.0) for label, c in zip(labels, counts, strict=True)
-                },
+                "distribution": dict(
+                    zip(labels, [round6(c / total) for c in counts] if total else [0.0] * len(labels), strict=True)
+                ),
             },
             "mood": {
                 "half_life_s": self.mood_half_life_s,
                 "at": latest,
-                "scores": {label: round(m / w, _ROUND) for label, m in zip(labels, state.mood, strict=True)},
-                "weight": round(w, _ROUND),
+                "scores": dict(zip(labels, [round6(m / w) for m in state.mood], strict=True)),
+                "weight": round6(w),
             },
             "dominant": {
                 "label": labels[state.dominant],
                 "since": _ts(state.dominant_since),
-                "held_s": max(0.0, state.latest_at - state.dominant_since),
+                "held_s": max(0.0, latest_at - state.dominant_since),
                 "messages": state.dominant_messages,
             },
-            "recent": [self._message(m) for m in state.recent[-self.recent_messages :]],
+            "recent": recent,
             "episodes": [
-                {"rule": c.rule.name, "active": e.active, "fired": e.fired}
-                for c, e in zip(self.checks, state.episodes, strict=True)
+                {"rule": name, "active": e.active, "fired": e.fired}
+                for name, e in zip(self._rule_names, state.episodes, strict=True)
             ],
             "source": {"partition": state.source_partition, "offset": state.source_offset},
-            "updated_at": _ts(state.last_seen_at),
-            "emitted_at": rfc3339(now),
+            "updated_at": self._now(now) if seen_at == now else _ts(seen_at),
+            "emitted_at": self._now(now),
         }
 
     def _alert(
@@ -407,7 +487,6 @@ class ConversationTracker:
         now: float,
     ) -> AlertOutput:
         rule = check.rule
-        emitted_at = rfc3339(now)
         return AlertOutput(
             {
                 "schema": "escalation.v1",
@@ -421,18 +500,18 @@ class ConversationTracker:
                 },
                 "episode": episode.fired,
                 "evidence": {
-                    "value": round(obs.value, _ROUND),
+                    "value": round6(obs.value),
                     "threshold": obs.threshold,
-                    "details": {k: round(v, _ROUND) for k, v in check.details(state, episode, obs).items()},
-                    "messages": [self._message(m) for m in check.evidence(state)],
+                    "details": {k: round6(v) for k, v in check.details(state, episode, obs).items()},
+                    "messages": self._views(check.evidence(state)),
                 },
                 "triggered_by": {
                     "message_id": msg.message_id,
-                    "sent_at": rfc3339(msg.sent_at),
+                    "sent_at": format_time(msg.sent_at),
                     "source": {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset},
                 },
                 "state": self._state_doc(state, "alert", now),
-                "fired_at": emitted_at,
+                "fired_at": self._now(now),
             }
         )
 
