@@ -175,6 +175,12 @@ class Metrics:
             ["rule"],
             registry=r,
         )
+        self.conversation_key_mismatches_total = Counter(
+            "emotion_conversation_key_mismatches_total",
+            "Classified input records whose Kafka key is not their conversation_id: the contract's key, which "
+            "keeps a conversation in one partition; otherwise its state is split across partitions.",
+            registry=r,
+        )
         self.conversations_active = Gauge(
             "emotion_conversations_active",
             "Conversations whose state this worker holds (counted by the expiry sweep).",

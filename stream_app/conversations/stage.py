@@ -22,6 +22,7 @@ the next flush's second phase, so memory and disk stay bounded whatever the numb
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -101,6 +102,7 @@ class ConversationStage:
         self._tombstones: list[tuple[str, OutRecord]] = []
         self.skipped = 0
         self._alerts = metrics.conversation_alerts_total
+        self._mismatch_warned_at = -math.inf
 
     # ------------------------------------------------------------------ state access
     def _load(self, partition: int, key: bytes, conversation_id: str) -> ConversationState | None:
@@ -144,6 +146,19 @@ class ConversationStage:
             for key in [k for k in self._pending if k[0] == p]:
                 del self._pending[key]
 
+    def _key_mismatch(self, record_key: bytes | None, conversation_id: str) -> None:
+        """A record not keyed by its conversation_id: counted; warned about once a minute at most."""
+        self.metrics.conversation_key_mismatches_total.inc()
+        now = time.monotonic()
+        if now - self._mismatch_warned_at >= 60.0:
+            self._mismatch_warned_at = now
+            _log.warning(
+                "input records must be keyed by their conversation_id (record key %r, conversation_id %r): "
+                "their conversation's state splits across partitions (emotion_conversation_key_mismatches_total)",
+                record_key[:64] if record_key is not None else None,
+                conversation_id[:64],
+            )
+
     # ------------------------------------------------------------------ the release stage
     def on_release(self, slots: Sequence[Slot], partition: int | None = None) -> StageOutput:
         out = StageOutput()
@@ -169,6 +184,8 @@ class ConversationStage:
                 continue
             cid = m.conversation_id
             key = cid.encode()
+            if s.key != key:
+                self._key_mismatch(s.key, cid)
             ident = (p, key)
             state = touched.get(ident) or self._load(p, key, cid)
             msg = ClassifiedMessage(

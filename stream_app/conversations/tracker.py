@@ -14,7 +14,8 @@ What one message does, in order:
    offset sequence afresh.
 2. **Clock skew.** A ``sent_at`` more than ``max_future_skew_s`` ahead of the processing time is taken as
    the processing time (``future_clamped``), so one bad client clock cannot push the conversation's
-   event time into the future and make every later message "late".
+   event time into the future and make every later message "late". One before 1970 (the contract
+   allows year 1) is taken as 1970-01-01: the window's panes would otherwise reach before year 1.
 3. **Lateness.** A message sent more than ``allowed_lateness_s`` before the conversation's latest event
    time is counted (``late_ignored``) and otherwise ignored (``outcome="late"``).
 4. **Duplicates.** A message id already among the recent messages (a producer retry) is counted
@@ -244,6 +245,8 @@ class ConversationTracker:
         if sent_at > now + self.max_future_skew_s:
             sent_at = now
             state.future_clamped += 1
+        elif sent_at < 0.0:  # before 1970 (the contract allows year 1): windows reach before year 1 from there
+            sent_at = 0.0
         first = state.message_count == 0
         latest = state.latest_at
         if not first and sent_at < latest - self.allowed_lateness_s:

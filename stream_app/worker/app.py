@@ -23,6 +23,7 @@ import re
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -222,8 +223,8 @@ class Worker:
         ]
         if s.conversations.enabled:
             app.early_tasks.append(_every(s.conversations.sweep_interval_s, self._conversation_sweep_tick))
-        if self.transactions is not None:
-            app.early_tasks.append(_every(1.0, self._recovery_tick))
+        # changelogs end in transaction markers under exactly-once, and also after a switch back from it
+        app.early_tasks.append(_every(1.0, self._recovery_tick))
         return app
 
     # ------------------------------------------------------------------ start-up
@@ -456,30 +457,36 @@ class Worker:
                 self.fatal(InfrastructureError(f"cannot start the transactional producers: {exc!r}"))
         self._parts.initialised -= mine  # their lanes start afresh (committed offset read on first chunk)
         self.metrics.assigned_partitions.set(len(mine))
-        changelog_n = None
-        if self.l2 is not None:
-            changelog_n = faust_glue.topic_partition_count(self.app, self.l2.changelog_topic)
         known = faust_glue.topic_partition_count(self.app, self.topic)
         if known is not None and known != self.input_partitions:
             self.metrics.partition_changes_total.inc()
             _log.warning("input topic %s now has %d partitions (was %d)", self.topic, known, self.input_partitions)
             self.input_partitions = known
-        if changelog_n is not None and known is not None and changelog_n < known:
-            self.app.add_future(self._grow_changelog(known))
+        if known is None:
+            return
+        for store in (self.l2, self.conversation_store):
+            if store is None:
+                continue
+            changelog_n = faust_glue.topic_partition_count(self.app, store.changelog_topic)
+            if changelog_n is not None and changelog_n < known:
+                self.app.add_future(self._grow_changelog(store, known))
 
-    async def _grow_changelog(self, partitions: int) -> None:
-        """The input grew: grow the cache changelog to match, so the assignor co-partitions them again.
+    async def _grow_changelog(self, store: faust_glue.FaustTableStore, partitions: int) -> None:
+        """The input grew: grow a table's changelog to match, so that the assignor co-partitions them again.
 
-        Until the next rebalance the new partitions run without L2 (skipped, counted, a cache only).
+        The consumer sees the changelog's new partitions at its next metadata refresh and rejoins the group;
+        until then the new input partitions run without their table partitions (L2 writes are skipped and
+        counted; conversation state waits, and the read API answers 503 for those partitions).
         """
         from stream_app.worker.startup import align_changelog
 
-        assert self.l2 is not None
+        is_cache = store is self.l2
         try:
-            await align_changelog(self.settings, self.l2.changelog_topic, partitions)
-            self.metrics.l2_rebuilds_total.labels("partitions_added").inc()
-        except Exception as exc:  # noqa: BLE001 -- the cache works without the new partitions meanwhile
-            _log.warning("cannot add partitions to the cache changelog: %r", exc)
+            await align_changelog(self.settings, store.changelog_topic, partitions, disposable=is_cache)
+            if is_cache:
+                self.metrics.l2_rebuilds_total.labels("partitions_added").inc()
+        except Exception as exc:  # noqa: BLE001 -- the tables work without the new partitions meanwhile
+            _log.warning("cannot add partitions to %s: %r", store.changelog_topic, exc)
 
     async def _on_revoked(self, sender: Any, /, *args: Any, signal: Any = None, **kwargs: Any) -> None:
         revoked = args[0] if args else kwargs.get("revoked", ())
@@ -640,36 +647,59 @@ class Worker:
 
     # ------------------------------------------------------------------ read API
     def conversation_route(self, match: re.Match[str], environ: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        """``GET /conversations/{id}`` (HTTP thread): the state here, or forwarded to the worker holding it."""
-        raw_id = match.group("id").encode("latin-1").decode("utf-8", "replace")  # WSGI paths are latin-1
+        """``GET /conversations/{id}`` (HTTP thread; ``id`` percent-encoded, so it may hold ``/``, ``?``, ``#``).
+
+        Any worker answers. The state lives in the partition the producer put the conversation's messages
+        in: with Kafka's default partitioner (murmur2: the Java client, Kafka Streams) the one the id hashes
+        to; with another (librdkafka's default ``consistent_random``, a custom key) elsewhere. So each
+        partition held here is looked at (that one first), then the other workers of the group are asked,
+        the one holding that partition first, each looking only at its own (``?scope=local``).
+        """
+        raw_id = urllib.parse.unquote(match.group("id"), errors="replace")
+        local_only = "scope=local" in environ.get("QUERY_STRING", "").split("&")
         loop = self._loop
         if loop is None or self.conversations is None:
             return 503, {"status": "fail", "reasons": ["conversation state is off or the worker is starting"]}
-        future = asyncio.run_coroutine_threadsafe(self._conversation(raw_id), loop)
+        future = asyncio.run_coroutine_threadsafe(self._conversation(raw_id, local_only), loop)
         try:
-            status, body, owner = future.result(timeout=5.0)
+            status, body, others = future.result(timeout=5.0)
         except (TimeoutError, concurrent.futures.TimeoutError):
             return 503, {"status": "fail", "reasons": ["the worker did not answer in 5 s"]}
-        if owner is None:
-            return status, body
-        if environ.get("HTTP_X_EMOTION_STREAM_FORWARDED"):
-            return 503, {"status": "fail", "reasons": [f"not held here nor by {owner} (a rebalance?)"]}
-        return _forward(owner.rstrip("/") + environ.get("PATH_INFO", ""))
+        path = environ.get("RAW_PATH") or environ.get("PATH_INFO", "")
+        failed: list[tuple[int, dict[str, Any]]] = []
+        for url in others:
+            answer = _forward(f"{url}{path}?scope=local")
+            if answer[0] == 200:
+                return answer
+            if answer[0] != 404:
+                failed.append(answer)
+        # no one has it: unless a worker could not answer (it may hold the state), this worker's verdict
+        return failed[0] if failed and status == 404 else (status, body)
 
-    async def _conversation(self, conversation_id: str) -> tuple[int, dict[str, Any], str | None]:
+    async def _conversation(self, conversation_id: str, local_only: bool) -> tuple[int, dict[str, Any], list[str]]:
+        """(status, body, other workers to ask in turn): 200 when held here, else 404 (or 503 while the
+        id's partition has no owner) unless one of the others has it."""
         store, stage = self.conversation_store, self.conversations
         assert store is not None and stage is not None
         key = conversation_id.encode()
         partition = (murmur2(key) & 0x7FFFFFFF) % self.input_partitions
-        if store.holds(partition):
-            doc = stage.snapshot(partition, key)
-            if doc is None:
-                return 404, {"status": "fail", "reasons": [f"no state for conversation {conversation_id!r}"]}, None
-            return 200, orjson.loads(doc), None
+        held = [p for p in store.partitions() if store.holds(p)]
+        for p in sorted(held, key=lambda p: p != partition):  # the default partitioner's choice first
+            doc = stage.snapshot(p, key)
+            if doc is not None:
+                return 200, orjson.loads(doc), []
+        missing = {"status": "fail", "reasons": [f"no state for conversation {conversation_id!r}"]}
+        if local_only:
+            return 404, missing, []
+        me = self.advertised_url.rstrip("/")
         owner = faust_glue.table_owner_url(self.app, store.changelog_topic, partition)
-        if owner is None or owner.rstrip("/") == self.advertised_url.rstrip("/"):
-            return 503, {"status": "fail", "reasons": [f"partition {partition} is not held anywhere yet"]}, None
-        return 0, {}, owner
+        owner = owner.rstrip("/") if owner else None
+        others = sorted({u.rstrip("/") for u in faust_glue.table_owner_urls(self.app, store.changelog_topic)} - {me})
+        others.sort(key=lambda u: u != owner)
+        if partition not in held and owner in (None, me):
+            why = f"partition {partition} is not held anywhere yet (a rebalance?)"
+            return 503, {"status": "fail", "reasons": [why]}, others
+        return 404, missing, others
 
     # ------------------------------------------------------------------ stopping
     def fatal(self, exc: BaseException) -> None:
@@ -720,8 +750,8 @@ class Worker:
 
 
 def _forward(url: str) -> tuple[int, dict[str, Any]]:
-    """GET ``url`` on the worker that holds the conversation, marked forwarded (so it never bounces)."""
-    request = urllib.request.Request(url, headers={"X-Emotion-Stream-Forwarded": "1"})
+    """GET ``url`` on another worker of the group."""
+    request = urllib.request.Request(url)
     try:
         with urllib.request.urlopen(request, timeout=5.0) as resp:
             return int(resp.status), dict(orjson.loads(resp.read()))

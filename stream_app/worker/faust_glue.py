@@ -58,6 +58,7 @@ __all__ = [
     "register_store",
     "settle_transactional_recovery",
     "table_owner_url",
+    "table_owner_urls",
     "topic_partition_count",
 ]
 
@@ -433,6 +434,12 @@ def table_owner_url(app: faust.App, changelog_topic: str, partition: int) -> str
     urls = getattr(app.assignor, "_tps_url", {})
     url = urls.get(TP(changelog_topic, partition))
     return str(url) if url else None
+
+
+def table_owner_urls(app: faust.App, changelog_topic: str) -> set[str]:
+    """The advertised URLs of every worker holding a partition of a table, per the last assignment."""
+    urls = getattr(app.assignor, "_tps_url", {})
+    return {str(url) for tp, url in urls.items() if tp.topic == changelog_topic and url}
 
 
 def _retrieve(fut: Any) -> None:

@@ -118,6 +118,12 @@ class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
+    def get_environ(self) -> dict[str, Any]:
+        environ = super().get_environ()
+        # the path as sent, still percent-encoded (PATH_INFO is decoded: an id holding %2F would split)
+        environ["RAW_PATH"] = self.path.split("?", 1)[0]
+        return environ
+
 
 class HealthServer:
     """Serve metrics, probes and extra routes on ``host:port`` from a daemon thread.
@@ -140,7 +146,8 @@ class HealthServer:
         return int(self._server.server_port)
 
     def add_route(self, pattern: str, route: Route) -> None:
-        """Answer GET requests whose path matches ``pattern`` (a full-match regular expression)."""
+        """Answer GET requests whose path, as sent (percent-encoded), matches ``pattern`` (a full-match
+        regular expression)."""
         self._routes.append((re.compile(pattern), route))
 
     def start(self) -> HealthServer:
@@ -159,8 +166,9 @@ class HealthServer:
             return self._probe(self.health.liveness(), start_response)
         if path == "/readyz":
             return self._probe(self.health.readiness(), start_response)
+        raw_path = environ.get("RAW_PATH", path)
         for pattern, route in self._routes:
-            match = pattern.fullmatch(path)
+            match = pattern.fullmatch(raw_path)
             if match is not None:
                 status, body = route(match, environ)
                 return _json(status, body, start_response)

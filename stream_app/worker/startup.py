@@ -89,7 +89,7 @@ async def align_changelog(settings: Settings, changelog: str, partitions: int, *
     await asyncio.wait_for(admin.start(), timeout_s)
     try:
         if current < partitions:
-            _log.warning("cache changelog %s has %d partitions, the input %d: adding partitions", changelog,
+            _log.warning("table changelog %s has %d partitions, the input %d: adding partitions", changelog,
                          current, partitions)  # fmt: skip
             await admin.create_partitions({changelog: NewPartitions(total_count=partitions)})
             return "grown"

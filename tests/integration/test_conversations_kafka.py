@@ -6,13 +6,17 @@ from __future__ import annotations
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+import zlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import confluent_kafka
 import orjson
 import pytest
+from aiokafka.partitioner import murmur2
 
 from tests.integration.conftest import Topics, make_topics
 from tests.integration.helpers import collect, produce
@@ -189,6 +193,35 @@ def test_the_read_api_answers_on_every_worker_and_state_follows_its_partition(
             assert state["message_count"] == 3, (c, worker.env["EMOTION_STREAM_WORKER__WORKER_ID"], state)
     status, body = _get(a.metrics_port, "conv-never-seen")
     assert status == 404, body
+
+
+def test_the_read_api_finds_conversations_another_partitioner_placed_and_ids_with_url_characters(
+    kafka: Any, spawn_worker: Any, rules_file: Path
+) -> None:
+    """librdkafka's default partitioner (``consistent_random``: CRC32 of the key, as kcat and confluent-kafka
+    use) puts most conversations elsewhere than murmur2 would; ids may hold ``/``, ``?``, ``#``, ``%``."""
+    topics = make_topics(kafka, partitions=4)
+    a = spawn_worker(topics, name="a", **_env(rules_file))
+    b = spawn_worker(topics, name="b", **_env(rules_file))
+    a.wait_ready()
+    b.wait_ready(timeout_s=120)
+    time.sleep(3)  # the rebalance settles; each worker holds some partitions
+    convs = [f"room/{i}?lang=de#top %2F..\\ ü" for i in range(12)]
+    elsewhere = [c for c in convs if zlib.crc32(c.encode()) % 4 != (murmur2(c.encode()) & 0x7FFFFFFF) % 4]
+    assert len(elsewhere) >= 6  # the case this test is about
+    producer = confluent_kafka.Producer(
+        {"bootstrap.servers": kafka.bootstrap_servers, "partitioner": "consistent_random"}
+    )
+    for key, value in (m for c in convs for m in _script(c, [JOY, SAD])):
+        producer.produce(topics.input, key=key, value=value)
+    assert producer.flush(30) == 0
+    for c in convs:
+        for worker in (a, b):
+            state = _wait_state(worker.metrics_port, urllib.parse.quote(c, safe=""), 2)
+            assert state["conversation_id"] == c and state["message_count"] == 2, (c, state)
+    for worker in (a, b):
+        status, body = _get(worker.metrics_port, urllib.parse.quote("room/never?seen", safe=""))
+        assert status == 404, body
 
 
 def test_late_messages_within_the_allowance_count_and_beyond_it_are_ignored(

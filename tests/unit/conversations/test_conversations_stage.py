@@ -80,7 +80,10 @@ LANES = {0: Lane(0), 1: Lane(1)}
 CHUNK = ChunkInfo(topic=TOPIC, received_wall=0.0, received_mono=0.0, received_at="")
 
 
-def slot(offset: int, conversation: str, label: str, sent_at: float, *, partition: int = 0) -> Slot:
+def slot(
+    offset: int, conversation: str, label: str, sent_at: float, *, partition: int = 0, key: bytes | None = b""
+) -> Slot:
+    """A classified slot keyed by its conversation_id, as the contract says (``key``: another key)."""
     sent = datetime.fromtimestamp(sent_at, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     message = ChatMessage.model_validate(
         {
@@ -92,7 +95,8 @@ def slot(offset: int, conversation: str, label: str, sent_at: float, *, partitio
         }
     )
     result = Result(LABELS.index(label), tuple(scores_for(label)), False)
-    return Slot(LANES[partition], offset, 0, None, None, (), CHUNK, message=message, result=result)
+    record_key = conversation.encode() if key == b"" else key
+    return Slot(LANES[partition], offset, 0, record_key, None, (), CHUNK, message=message, result=result)
 
 
 def classified(s: Slot) -> ClassifiedMessage:
@@ -251,3 +255,17 @@ def test_one_partitions_transaction_takes_only_its_own_tombstones() -> None:
     assert sorted(r.key for _, r in out.after if r.value is None) == [b"c-c", b"c-d"]
     out = stage.on_release([], partition=0)
     assert sorted(r.key for _, r in out.after if r.value is None) == [b"c-a", b"c-b"]
+
+
+def test_records_not_keyed_by_their_conversation_id_are_counted() -> None:
+    """Keyed otherwise (by user, or null), a conversation's messages spread over partitions and its state
+    splits: the worker cannot repair that, but it says so."""
+    store, clock = DictStore(partitions=[0]), Clock(T0 + 1000.0)
+    stage = stage_for(store, clock)
+    slots = [
+        slot(0, "c-1", "joy", T0),
+        slot(1, "c-1", "joy", T0 + 1, key=b"user-7"),
+        slot(2, "c-1", "joy", T0 + 2, key=None),
+    ]
+    stage.on_release(slots)
+    assert stage.metrics.conversation_key_mismatches_total._value.get() == 2

@@ -288,3 +288,30 @@ def test_an_empty_state_has_no_snapshot() -> None:
 def test_bad_parameters_are_refused(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         tracker(**kwargs)
+
+
+def test_a_sent_at_in_year_one_is_applied_and_its_records_serialise() -> None:
+    """The contract allows year 1; the window's panes reach before it. Such a message counts like any other
+    (taken as 1970-01-01), and fires rules, instead of being refused."""
+    year_one = -62_135_596_800.0  # 0001-01-01T00:00:00Z
+    t = tracker(
+        """
+[[rule]]
+name = "distress"
+kind = "consecutive"
+labels = ["sadness"]
+count = 2
+""",
+        emit_interval_s=0.0,
+    )
+    state = None
+    fired = []
+    for i in range(3):
+        update = t.apply(state, message(i, "sadness", year_one + i))
+        state = update.state
+        fired += update.alerts
+        assert update.emit is not None
+        assert update.emit.to_json()  # serialises: no time before year 1 anywhere in it
+    assert state is not None and state.message_count == 3
+    assert [a.rule for a in fired] == ["distress"]
+    assert t.snapshot(state).to_json()
