@@ -454,6 +454,10 @@ class EmotionWorker(faust.Worker):
 
     on_stop_signal: Callable[[], None] | None = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.spinner = None  # Faust's start-up spinner writes terminal escapes into the worker's log
+
     def _schedule_shutdown(self, signal: Any) -> None:
         hook = self.on_stop_signal
         if hook is not None:

@@ -10,6 +10,8 @@ import random
 import signal
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -221,3 +223,39 @@ def test_a_broker_restart_mid_stream_leaves_every_outcome_exactly_once(
             break
         time.sleep(1)
     _assert_exactly_once(own_kafka.bootstrap_servers, topics)
+
+
+def _readyz(port: int, timeout_s: float) -> tuple[int, str]:
+    """Poll ``/readyz`` until 200 or the timeout; the last (status, body)."""
+    deadline = time.monotonic() + timeout_s
+    last = (0, "")
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
+                return int(resp.status), resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            last = (int(exc.code), exc.read().decode())
+        except OSError as exc:
+            last = (0, repr(exc))
+        time.sleep(0.5)
+    return last
+
+
+def test_switching_back_to_at_least_once_recovers_the_tables_written_in_transactions(
+    kafka: Any, spawn_worker: Any, data_dir: Path
+) -> None:
+    """Changelogs written under exactly-once end in transaction markers; a worker of the same group started
+    at-least-once must still finish their recovery (it waited for ever for a record at the marker)."""
+    topics = make_topics(kafka, partitions=2)
+    records = _records(data_dir, 300)
+    eos = spawn_worker(topics, name="eos", **EOS_CACHED)
+    eos.wait_ready()
+    produce(kafka.bootstrap_servers, topics.input, records[:200])
+    assert len(_outcomes(kafka.bootstrap_servers, topics, 200, timeout_s=120)) == 200
+    eos.stop()
+    alo = spawn_worker(topics, name="alo")
+    alo.wait_ready()
+    status, body = _readyz(alo.metrics_port, 60)
+    assert status == 200, f"{body}\n{alo.log_tail()}"
+    produce(kafka.bootstrap_servers, topics.input, records[200:])
+    assert len(_outcomes(kafka.bootstrap_servers, topics, 300, timeout_s=120)) == 300
