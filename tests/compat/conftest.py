@@ -50,16 +50,19 @@ class CompatTopics:
     events: str
     metrics: str
     dead_letters: str
+    conversations: str
+    alerts: str
 
     @classmethod
     def fresh(cls, prefix: str = "compat") -> CompatTopics:
         tag = f"{prefix}.{uuid.uuid4().hex[:8]}"
         return cls(f"{tag}.chat.messages.v1", f"{tag}.emotion.events.v1", f"{tag}.emotion.metrics.v1",
-                   f"{tag}.chat.messages.dlq.v1")  # fmt: skip
+                   f"{tag}.chat.messages.dlq.v1", f"{tag}.emotion.conversations.v1",
+                   f"{tag}.emotion.alerts.v1")  # fmt: skip
 
     @property
     def names(self) -> list[str]:
-        return [self.input, self.events, self.metrics, self.dead_letters]
+        return [self.input, self.events, self.metrics, self.dead_letters, self.conversations, self.alerts]
 
     def env(self) -> dict[str, str]:
         return {
@@ -67,12 +70,14 @@ class CompatTopics:
             "EMOTION_STREAM_TOPICS__EVENTS": self.events,
             "EMOTION_STREAM_TOPICS__METRICS": self.metrics,
             "EMOTION_STREAM_TOPICS__DEAD_LETTERS": self.dead_letters,
+            "EMOTION_STREAM_TOPICS__CONVERSATIONS": self.conversations,
+            "EMOTION_STREAM_TOPICS__ALERTS": self.alerts,
         }
 
 
 def create_topics(kafka_target: KafkaSettings | str, topics: CompatTopics, partitions: int,
                   input_config: dict[str, str] | None = None) -> None:  # fmt: skip
-    """Create the four topics with confluent-kafka's AdminClient (the input with ``input_config``)."""
+    """Create the six topics with confluent-kafka's AdminClient (the input with ``input_config``)."""
     from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]  # re-exported from cimpl
 
     from tests.compat.helpers import confluent_admin

@@ -9,10 +9,13 @@ cache changelog with the input, and never exit.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -54,6 +57,20 @@ def _repeats(prefix: str, texts: list[str], partitions: range, per_partition: in
 
 def _changelog(group: str) -> str:
     return f"{group}-emotion-cache-v1-changelog"
+
+
+def _conversation_state(port: int, conversation: str, timeout_s: float) -> dict[str, object]:
+    """``GET /conversations/{id}`` until it answers 200 (its body) or the timeout (the last body)."""
+    deadline = time.monotonic() + timeout_s
+    last: dict[str, object] = {}
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/conversations/{conversation}", timeout=5) as r:
+                return dict(json.loads(r.read()))
+        except urllib.error.HTTPError as exc:
+            last = dict(json.loads(exc.read()))
+        time.sleep(1.0)
+    return last
 
 
 def _topics_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -138,12 +155,17 @@ def test_a_live_partition_increase_from_4_to_6(
             everything, watcher, worker.restarts,
         ))  # fmt: skip
         changes = worker.metric("emotion_partitions_changes")
-        changelog_counts = partition_counts(settings, [_changelog(group)])
+        states = f"{group}-emotion-conversations-v1-changelog"
+        changelog_counts = partition_counts(settings, [_changelog(group), states])
+        # conversation state is kept for the new partitions too, once the consumer has rejoined with the
+        # grown state changelog (a metadata refresh, 2 s here)
+        new_conversation = _conversation_state(worker.metrics_port, "after3-c5", WAIT_S)
     assert new_waited >= 0, f"new partitions not served within {PROMPT_S:.0f} s: {missing_report(new, watcher)}\n" \
                             f"{worker.log_tail()}"  # fmt: skip
     assert after_waited >= 0, f"{missing_report(everything, watcher)}\n{worker.log_tail()}"
     assert row.ok, (row, worker.exit_codes, worker.log_tail())
     assert {c[1] for c in new} == {4, 5}
     assert changes >= 1
-    assert changelog_counts == {_changelog(group): 6}
+    assert changelog_counts == {_changelog(group): 6, states: 6}
+    assert new_conversation.get("message_count", 0) >= 1, new_conversation
     assert worker.alive, worker.log_tail()
