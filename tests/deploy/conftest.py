@@ -1,8 +1,8 @@
 """Checks of the files in deploy/ with the tools operators use on them (kubeconform, promtool, hadolint...).
 
-The tools are installed into the cache by ``scripts/deploy/install_tools.sh`` (run by CI before the tests);
-a fixture runs it for a tool that is missing, and skips with the installer's own reason only where the tool
-cannot be installed (no Go toolchain, no apt-get or not root).
+The tools are installed into the cache by ``scripts/deploy/install_tools.sh``, which a fixture runs for a
+tool that is missing (so a fresh CI machine gets them on the first run), skipping with the installer's own
+reason only where the tool cannot be installed (no Go toolchain, no apt-get or not root).
 """
 
 from __future__ import annotations
