@@ -84,6 +84,19 @@ def changelog_topic(settings: Settings, table: str = CACHE_TABLE) -> str:
 class _Partitions:
     assigned: set[int] = field(default_factory=set)
     initialised: set[int] = field(default_factory=set)
+    rewound: set[int] = field(default_factory=set)  # rewound to their start once in this assignment
+
+
+def plan_start(committed: int | None, log_start: int | None) -> int | None:
+    """Where a newly assigned partition's processing must begin: its committed offset, or the log start
+    when the group has none (``auto.offset.reset=earliest``) or the committed one was deleted; None when
+    neither is known. A committed offset beyond the log end is the consumer's reset to handle (it reads
+    from the log start, and the pipeline counts the reset)."""
+    if committed is None:
+        return log_start
+    if log_start is not None and committed < log_start:
+        return log_start
+    return committed
 
 
 class Worker:
@@ -397,50 +410,76 @@ class Worker:
         if generation != self._generation:
             self._generation = generation
             self._parts.initialised.clear()
+            self._parts.rewound.clear()
+        assigned = self._parts.assigned
+        if any(p not in assigned for p in parts):
+            # fetched for a previous assignment and delivered after the rebalance: another worker owns them
+            # now (or this one again, from its committed offset: a first record past it is rewound)
+            _log.debug("dropping records of partitions %s: not assigned here now", sorted(set(parts) - assigned))
+            parts = {p: records for p, records in parts.items() if p in assigned}
+            if not parts:
+                return
         fresh = [p for p in parts if p not in self._parts.initialised]
         if fresh:
-            await self._init_lanes(topic, fresh, parts)
+            rewound = await self._init_lanes(topic, fresh, parts)
+            if rewound:
+                parts = {p: records for p, records in parts.items() if p not in rewound}
         await pipeline.feed(topic, parts)
         if not self._first_event_logged:
             self._first_event_logged = True
             self.metrics.cold_start_seconds.labels("first_chunk").set(time.monotonic() - self.started_at)
 
-    async def _init_lanes(self, topic: str, fresh: list[int], parts: Mapping[int, Sequence[RecordLike]]) -> None:
-        """First chunk of a partition in this assignment: tell the pipeline its committed offset, and warn
-        when the committed offset was out of range (below the log start: deleted before processing)."""
+    async def _init_lanes(self, topic: str, fresh: list[int], parts: Mapping[int, Sequence[RecordLike]]) -> set[int]:
+        """First chunk of a partition in this assignment: tell the pipeline where the partition starts.
+
+        Returns the partitions rewound instead (their records in this chunk are not taken). Records fetched
+        while a partition was being assigned or recovered are dropped by Faust, which relies on seeking every
+        partition to its committed offset afterwards; but a partition without a committed offset (or one of
+        0) is not sought (aiokafka's ``seek_to_committed`` skips it), so its position stays past the dropped
+        records and they would never be read (found as a loss under exactly-once: a rebalance while the
+        first messages of a partition arrived). The start is the committed offset, or the log start when
+        there is none or it is below the log start (retention deleted what it pointed at: counted and
+        warned); a first record past it is rewound to it, once per assignment, since the gap can be real
+        (aborted transactions and their markers, compaction).
+        """
         assert self.pipeline is not None
         if self.transactions is not None:  # normally done at assignment already
             await asyncio.gather(*(self.transactions.ensure(p) for p in fresh))
-        committed = {p: faust_glue.committed_offset(self.app, topic, p) for p in fresh}
-        for p in fresh:
-            _log.info("partition %d: committed offset %s, first record %d", p, committed[p], parts[p][0].offset)
-        self.pipeline.assigned(committed)
-        self._parts.initialised.update(fresh)
-        ahead = [p for p in fresh if committed[p] is not None and parts[p][0].offset > committed[p]]  # type: ignore[operator]
-        if not ahead:
-            return
-        from faust.types import TP
-
+        starts: dict[int, int] = {}
         try:
-            earliest = await self.app.consumer.earliest_offsets(*(TP(topic, p) for p in ahead))
-        except Exception as exc:  # noqa: BLE001 -- only a diagnostic; processing goes on
-            _log.debug("cannot read log start offsets: %r", exc)
-            return
-        for p in ahead:
-            start = earliest.get(TP(topic, p))
-            c = committed[p]
-            if start is not None and c is not None and c < start:
+            committed = await asyncio.wait_for(faust_glue.broker_committed_offsets(self.app, topic, fresh), 10.0)
+            starts = await asyncio.wait_for(faust_glue.log_start_offsets(self.app, topic, fresh), 10.0)
+            known = True
+        except Exception as exc:  # noqa: BLE001 -- then Faust's last read guides, and nothing is rewound
+            _log.warning("cannot read the committed and log start offsets of %s: %r", topic, exc)
+            committed = {p: faust_glue.committed_offset(self.app, topic, p) for p in fresh}
+            known = False
+        rewound: set[int] = set()
+        for p in fresh:
+            first = parts[p][0].offset
+            c = committed.get(p)
+            start = starts.get(p)
+            target = plan_start(c, start) if known else None
+            if target is not None and first > target and p not in self._parts.rewound:
+                self._parts.rewound.add(p)
+                rewound.add(p)
+                _log.info("partition %d: first record %d is past its start %d (committed %s): records fetched "
+                          "before the partition was ready were dropped; reading from %d again",
+                          p, first, target, c, target)  # fmt: skip
+                await faust_glue.seek(self.app, topic, p, target)
+                continue
+            _log.info("partition %d: committed offset %s, log start %s, first record %d", p, c, start, first)
+            if c is not None and start is not None and c < start:
                 self.metrics.offset_resets_total.labels(str(p)).inc()
                 _log.warning(
                     "partition %d: committed offset %d is below the log start %d (records %d..%d were deleted "
                     "before this group processed them); resuming at %d",
-                    p,
-                    c,
-                    start,
-                    c,
-                    start - 1,
-                    parts[p][0].offset,
-                )
+                    p, c, start, c, start - 1, first,
+                )  # fmt: skip
+        taken = {p: committed.get(p) for p in fresh if p not in rewound}
+        self.pipeline.assigned(taken)
+        self._parts.initialised.update(taken)
+        return rewound
 
     # ------------------------------------------------------------------ rebalances
     async def _on_assigned(self, sender: Any, /, *args: Any, signal: Any = None, **kwargs: Any) -> None:
@@ -456,6 +495,7 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 -- without its producer a partition cannot be served
                 self.fatal(InfrastructureError(f"cannot start the transactional producers: {exc!r}"))
         self._parts.initialised -= mine  # their lanes start afresh (committed offset read on first chunk)
+        self._parts.rewound -= mine
         self.metrics.assigned_partitions.set(len(mine))
         known = faust_glue.topic_partition_count(self.app, self.topic)
         if known is not None and known != self.input_partitions:

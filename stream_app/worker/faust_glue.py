@@ -8,6 +8,8 @@ chunk at a time. What this module relies on, and ``tests/unit/worker/test_faust_
 against the installed versions so that an upgrade fails loudly instead of silently:
 
 * the aiokafka consumer's cluster metadata (``_client.cluster``) for partition counts;
+* ``Consumer.seek``, ``earliest_offsets`` and the consumer thread's ``call_thread`` with aiokafka's
+  ``committed`` (a newly assigned partition's start, read from the broker);
 * ``Consumer._drain_messages`` (the fetch loop), ``_wait_next_records``, ``_to_message``, ``callback``,
   ``_read_offset``, ``_committed_offset``, ``_buffered_partitions``, ``flow_active``, ``_commit`` and the
   thread delegate ``_thread`` with its aiokafka consumer ``_consumer``;
@@ -52,10 +54,13 @@ __all__ = [
     "EmotionWorker",
     "FaustTableStore",
     "StoreDiscardHook",
+    "broker_committed_offsets",
     "commit",
     "committed_offset",
     "lag_positions",
+    "log_start_offsets",
     "register_store",
+    "seek",
     "settle_transactional_recovery",
     "table_owner_url",
     "table_owner_urls",
@@ -173,6 +178,39 @@ def committed_offset(app: faust.App, topic: str, partition: int) -> int | None:
     consumer: Any = app.consumer
     value = consumer._committed_offset.get(TP(topic, partition))
     return int(value) if value is not None else None
+
+
+async def broker_committed_offsets(app: faust.App, topic: str, partitions: Sequence[int]) -> dict[int, int | None]:
+    """The group's committed offsets of ``topic``'s ``partitions``, read from the broker now (through Faust's
+    consumer thread); None where the group has none. Unlike :func:`committed_offset`, never stale: under
+    exactly-once output the transactions commit offsets without Faust seeing them.
+
+    Raises:
+        KafkaError: the group coordinator did not answer.
+    """
+    thread: Any = app.consumer._thread  # type: ignore[attr-defined]
+    consumer = thread._ensure_consumer()
+
+    async def read() -> dict[int, int | None]:
+        return {p: await consumer.committed(TopicPartition(topic, p)) for p in partitions}
+
+    return cast(dict[int, int | None], await thread.call_thread(read))
+
+
+async def log_start_offsets(app: faust.App, topic: str, partitions: Sequence[int]) -> dict[int, int]:
+    """The log start offset of each of ``topic``'s ``partitions`` (retention may have moved it past 0).
+
+    Raises:
+        KafkaError: no broker answered.
+    """
+    earliest = await app.consumer.earliest_offsets(*(TP(topic, p) for p in partitions))
+    return {tp.partition: int(offset) for tp, offset in earliest.items() if offset is not None}
+
+
+async def seek(app: faust.App, topic: str, partition: int, offset: int) -> None:
+    """Move the consumer's fetch position of ``topic[partition]`` to ``offset`` (records already fetched for
+    it are discarded by aiokafka), the way Faust's own seeks do it."""
+    await app.consumer.seek(TP(topic, partition), offset)
 
 
 async def commit(app: faust.App, topic: str, offsets: Mapping[int, int]) -> bool:

@@ -13,7 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,13 +104,26 @@ def _input_coordinates(bootstrap: str, topics: Topics) -> set[tuple[int, int]]:
     return asyncio.run(run())
 
 
-def _assert_exactly_once(bootstrap: str, topics: Topics, timeout_s: float = 300) -> None:
+def _notable(log: Path, limit: int = 120) -> str:
+    """The log's warnings, errors and partition movements (the last ``limit`` lines): what explains a loss."""
+    marks = ("WARNING", "ERROR", "CRITICAL", "assigned partitions", "Revoking", "skipped", "reset")
+    lines = [line[:400] for line in log.read_text(errors="replace").splitlines() if any(m in line for m in marks)]
+    return "\n".join(lines[-limit:])
+
+
+def _assert_exactly_once(bootstrap: str, topics: Topics, timeout_s: float = 300, workers: Iterable[Any] = ()) -> None:
     inputs = _input_coordinates(bootstrap, topics)
     seen = _outcomes(bootstrap, topics, len(inputs), timeout_s)
     missing = inputs - set(seen)
     duplicated = {k: v for k, v in seen.items() if v > 1}
     extra = set(seen) - inputs
-    assert not missing, f"{len(missing)} inputs without an outcome, e.g. {sorted(missing)[:5]}"
+    if missing:
+        per_partition = Counter(p for p, _ in missing)
+        logs = "\n".join(f"--- {w.log_path.name}:\n{_notable(w.log_path)}" for w in workers)
+        raise AssertionError(
+            f"{len(missing)} inputs without an outcome (per partition {dict(per_partition)}), "
+            f"e.g. {sorted(missing)[:5]}\n{logs}"
+        )
     assert not duplicated, f"{len(duplicated)} inputs with more than one outcome, e.g. {list(duplicated.items())[:5]}"
     assert not extra
 
@@ -186,7 +199,7 @@ def test_a_paused_zombie_is_fenced_by_the_worker_that_took_its_partitions(
         time.sleep(12)  # past the session timeout: "other" gets every partition and fences the zombie
     finally:
         os.killpg(zombie.process.pid, signal.SIGCONT)
-    _assert_exactly_once(kafka.bootstrap_servers, topics)
+    _assert_exactly_once(kafka.bootstrap_servers, topics, workers=[zombie, other])
     # the zombie noticed it was fenced (or its partitions were gone) and never committed anything after
     time.sleep(2)
     del other

@@ -116,3 +116,17 @@ def test_aiokafka_batch_api_used_by_the_sink() -> None:
     assert _params(BatchBuilder.append) == ["self", "timestamp", "key", "value", "headers"]
     assert inspect.iscoroutinefunction(AIOKafkaProducer.send_offsets_to_transaction)
     assert "_txn_manager" in inspect.getsource(AIOKafkaProducer.__init__)
+
+
+def test_what_places_a_newly_assigned_partition() -> None:
+    """The start of a new partition is read from the broker through the consumer thread, and a position left
+    past dropped records is moved with Faust's seek; aiokafka's seek_to_committed skips partitions without a
+    committed offset (or with 0), which is why the worker checks the first record itself."""
+    assert inspect.iscoroutinefunction(faust_consumer.Consumer.seek)
+    assert _params(faust_consumer.Consumer.seek) == ["self", "partition", "offset"]
+    assert inspect.iscoroutinefunction(faust_consumer.ThreadDelegateConsumer.earliest_offsets)
+    assert inspect.iscoroutinefunction(faust_aiokafka.AIOKafkaConsumerThread.call_thread)
+    assert "_ensure_consumer" in dir(faust_aiokafka.AIOKafkaConsumerThread)
+    assert inspect.iscoroutinefunction(AIOKafkaConsumer.committed)
+    assert _params(AIOKafkaConsumer.committed) == ["self", "partition"]
+    assert "if offset and offset > 0:" in inspect.getsource(AIOKafkaConsumer.seek_to_committed)
