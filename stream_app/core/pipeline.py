@@ -226,6 +226,15 @@ class Pipeline:
         return out
 
     # ------------------------------------------------------------------ the hot path
+    async def wait_for_space(self, n: int) -> None:
+        """Wait while taking ``n`` more messages would exceed ``max_in_flight`` (returns at once when the
+        pipeline failed). A caller that checks its partitions are still its own after this wait and then
+        calls :meth:`feed` without yielding in between never feeds records of a partition revoked meanwhile.
+        """
+        while self._in_flight and self._in_flight + n > self.max_in_flight and self.failed is None:
+            self._space.clear()
+            await self._space.wait()
+
     async def feed(self, topic: str, batches: Mapping[int, Sequence[RecordLike]]) -> None:
         """Take one fetched chunk: records per partition, each list in offset order.
 
@@ -234,9 +243,7 @@ class Pipeline:
         n = sum(len(r) for r in batches.values())
         if n == 0:
             return
-        while self._in_flight and self._in_flight + n > self.max_in_flight and self.failed is None:
-            self._space.clear()
-            await self._space.wait()
+        await self.wait_for_space(n)
         if self.failed is not None:
             return
         t0 = self.clock()

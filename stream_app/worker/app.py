@@ -85,6 +85,7 @@ class _Partitions:
     assigned: set[int] = field(default_factory=set)
     initialised: set[int] = field(default_factory=set)
     rewound: set[int] = field(default_factory=set)  # rewound to their start once in this assignment
+    epoch: int = 0  # moves at every assignment and revocation
 
 
 def plan_start(committed: int | None, log_start: int | None) -> int | None:
@@ -411,28 +412,42 @@ class Worker:
             self._generation = generation
             self._parts.initialised.clear()
             self._parts.rewound.clear()
-        assigned = self._parts.assigned
-        if any(p not in assigned for p in parts):
-            # fetched for a previous assignment and delivered after the rebalance: another worker owns them
-            # now (or this one again, from its committed offset: a first record past it is rewound)
-            _log.debug("dropping records of partitions %s: not assigned here now", sorted(set(parts) - assigned))
-            parts = {p: records for p, records in parts.items() if p in assigned}
-            if not parts:
-                return
+        epoch = self._parts.epoch
+        parts = self._still_assigned(parts)
         fresh = [p for p in parts if p not in self._parts.initialised]
         if fresh:
             rewound = await self._init_lanes(topic, fresh, parts)
             if rewound:
                 parts = {p: records for p, records in parts.items() if p not in rewound}
+        await pipeline.wait_for_space(sum(len(r) for r in parts.values()))
+        if self._parts.epoch != epoch:
+            # a rebalance while this chunk waited: the lanes of the partitions it moved were dropped, and
+            # whoever owns them now (this worker too) reads them again from the committed offset
+            live = self._parts.initialised & self._parts.assigned
+            if any(p not in live for p in parts):
+                _log.debug("dropping records of partitions %s: moved by a rebalance meanwhile",
+                           sorted(set(parts) - live))  # fmt: skip
+                parts = {p: records for p, records in parts.items() if p in live}
         await pipeline.feed(topic, parts)
         if not self._first_event_logged:
             self._first_event_logged = True
             self.metrics.cold_start_seconds.labels("first_chunk").set(time.monotonic() - self.started_at)
 
+    def _still_assigned(self, parts: Mapping[int, Sequence[RecordLike]]) -> Mapping[int, Sequence[RecordLike]]:
+        """``parts`` without partitions not assigned here now: records fetched for a previous assignment and
+        delivered after the rebalance belong to another worker (or to this one again, from its committed
+        offset, and a first record past it is rewound)."""
+        assigned = self._parts.assigned
+        if all(p in assigned for p in parts):
+            return parts
+        _log.debug("dropping records of partitions %s: not assigned here now", sorted(set(parts) - assigned))
+        return {p: records for p, records in parts.items() if p in assigned}
+
     async def _init_lanes(self, topic: str, fresh: list[int], parts: Mapping[int, Sequence[RecordLike]]) -> set[int]:
         """First chunk of a partition in this assignment: tell the pipeline where the partition starts.
 
-        Returns the partitions rewound instead (their records in this chunk are not taken). Records fetched
+        Returns the partitions not taken (their records in this chunk are dropped): those rewound, or all of
+        them when a rebalance happened while the offsets were read. Records fetched
         while a partition was being assigned or recovered are dropped by Faust, which relies on seeking every
         partition to its committed offset afterwards; but a partition without a committed offset (or one of
         0) is not sought (aiokafka's ``seek_to_committed`` skips it), so its position stays past the dropped
@@ -443,6 +458,7 @@ class Worker:
         (aborted transactions and their markers, compaction).
         """
         assert self.pipeline is not None
+        epoch = self._parts.epoch
         if self.transactions is not None:  # normally done at assignment already
             await asyncio.gather(*(self.transactions.ensure(p) for p in fresh))
         starts: dict[int, int] = {}
@@ -454,13 +470,17 @@ class Worker:
             _log.warning("cannot read the committed and log start offsets of %s: %r", topic, exc)
             committed = {p: faust_glue.committed_offset(self.app, topic, p) for p in fresh}
             known = False
+        if self._parts.epoch != epoch:  # a rebalance meanwhile: the next chunk of each starts afresh
+            return set(fresh)
         rewound: set[int] = set()
         for p in fresh:
             first = parts[p][0].offset
             c = committed.get(p)
             start = starts.get(p)
             target = plan_start(c, start) if known else None
-            if target is not None and first > target and p not in self._parts.rewound:
+            lane = self.pipeline.emitter.lanes.get(p)
+            untouched = lane is None or lane.expected_offset is None  # never rewind a lane that took records
+            if target is not None and first > target and untouched and p not in self._parts.rewound:
                 self._parts.rewound.add(p)
                 rewound.add(p)
                 _log.info("partition %d: first record %d is past its start %d (committed %s): records fetched "
@@ -486,6 +506,8 @@ class Worker:
         assigned = args[0] if args else kwargs.get("assigned", ())
         mine = {tp.partition for tp in assigned if tp.topic == self.topic}
         self._parts.assigned = mine
+        if mine:
+            self._parts.epoch += 1
         if self.transactions is not None and mine:
             # Fence the previous owners now: starting a partition's transactional producer aborts whatever
             # transaction a dead or paused owner left open, and until then read_committed readers, table
@@ -532,6 +554,8 @@ class Worker:
         revoked = args[0] if args else kwargs.get("revoked", ())
         mine = sorted(tp.partition for tp in revoked if tp.topic == self.topic)
         self._parts.assigned -= set(mine)  # readiness and the lag gauges stop counting them at once
+        if mine:
+            self._parts.epoch += 1
         self.metrics.assigned_partitions.set(len(self._parts.assigned))
         if not mine:
             return
