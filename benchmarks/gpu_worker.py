@@ -12,9 +12,9 @@ each process here is the worker minus Faust and aiokafka, everything else the pr
   ``emotion-stream worker`` does (GIL switch interval, tokenizer pool size, gc thresholds, ``gc.freeze``);
 * the engine from :func:`stream_app.service.build_runtime` (what the worker's model-load thread calls:
   ``start_engine`` with selection, parity gate and warm-up, and its selection cache);
-* the core :class:`~stream_app.core.pipeline.Pipeline` built with the same classes and settings as
-  ``Worker._build_pipeline`` (intake, classifier with the adaptive token budget, emitter, crash ledger,
-  and the conversation stage, on by default, over a dict standing in for its RocksDB table);
+* the core :class:`~stream_app.core.pipeline.Pipeline` from :func:`stream_app.assembly.build_pipeline`, the
+  function the worker builds its own with (intake, classifier with the adaptive token budget, emitter,
+  crash ledger, and the conversation stage, on by default, over a dict standing in for its RocksDB table);
 * a sink that acknowledges every sent batch at once (standing in for the Kafka producer), and a feed loop
   standing in for the consumer: pre-encoded ``chat_message.v1`` records (unique ids and texts, 64
   conversations keyed as producers key them) in fetched chunks over ``--partitions`` partitions (at most
@@ -358,119 +358,6 @@ def imported_distributions() -> list[str]:
     return sorted(found)
 
 
-def build_pipeline(settings: Any, rt: Any, metrics: Any, sink: AckingSink, state_dir: Path) -> Any:
-    """The core pipeline as ``Worker._build_pipeline`` (stream_app/worker/app.py) builds it, Faust aside.
-
-    Same classes and settings; the caches follow the settings (off here), the sink is ``sink`` and the
-    conversation stage's table a :class:`DictStore`.
-    """
-    from stream_app.cache.admission import Admission, SecondSightingAdmission
-    from stream_app.cache.keys import ModelIdentity
-    from stream_app.cache.lru import TtlLru
-    from stream_app.cache.tiered import L1Entry, ResultCache
-    from stream_app.conversations.rules import load_rules
-    from stream_app.conversations.stage import ConversationStage
-    from stream_app.conversations.tracker import ConversationTracker
-    from stream_app.core.classifier import ClassifierConfig
-    from stream_app.core.crash_ledger import CrashLedger
-    from stream_app.core.emitter import EmitterConfig
-    from stream_app.core.intake import Intake
-    from stream_app.core.pipeline import Pipeline
-    from stream_app.tracing import batch_tracer
-
-    s = settings
-    b, m, c = s.batching, s.model, s.cache
-    info = rt.engine.info
-    identity = ModelIdentity(
-        name=info.model_name, version=info.model_version, runtime=info.kind, precision=info.precision
-    )
-    l1: TtlLru[bytes, L1Entry] | None = TtlLru(max_entries=c.l1_max_entries, ttl_s=c.l1_ttl_s) if c.l1_enabled else None
-    admission: Admission | None = None
-    if c.admission == "second_sighting":
-        admission = SecondSightingAdmission(capacity=max(1024, c.l2_max_entries_per_partition))
-    cache = ResultCache(
-        l1=l1, l2=None, admission=admission, l2_ttl_s=c.l2_ttl_s, n_labels=len(rt.engine.labels), metrics=metrics
-    )
-    tracer = batch_tracer(
-        s.tracing,
-        engine=f"{info.kind}-{info.precision}",
-        consumer_group=s.worker.app_id,
-        worker_id=s.worker.worker_id,
-        max_links=b.max_batch_size,
-    )
-    ledger = CrashLedger(state_dir / "crash-ledger.json", max_strikes=s.worker.max_record_crashes)
-    pipeline = Pipeline(
-        engine=rt.engine,
-        encoder=rt.encoder,
-        sink=sink,
-        intake=Intake(
-            max_message_bytes=m.max_message_bytes,
-            max_text_chars=m.max_text_chars,
-            overlong_reject=m.overlong == "reject",
-            identity=identity,
-        ),
-        cache=cache,
-        classifier_config=ClassifierConfig(
-            max_batch_size=b.max_batch_size,
-            max_batch_tokens=b.max_batch_tokens,
-            max_wait_s=b.max_wait_ms / 1000.0,
-            capacity=2 * b.queue_capacity + s.kafka.max_poll_records,
-            group_by_length=b.group_by_length,
-            adaptive=b.adaptive,
-            target_batch_s=b.target_batch_p99_ms / 1000.0,
-            min_batch_tokens=b.min_batch_tokens,
-            max_batch_tokens_ceiling=b.max_batch_tokens_ceiling,
-            overlong_reject=m.overlong == "reject",
-            concurrent_batches=rt.concurrent_batches,
-        ),
-        emitter_config=EmitterConfig(
-            events_topic=s.topics.events,
-            dead_letters_topic=s.topics.dead_letters,
-            metrics_topic=s.topics.metrics,
-            worker_id=s.worker.worker_id,
-            labels=tuple(rt.engine.labels),
-            model={
-                "name": info.model_name,
-                "version": info.model_version,
-                "runtime": info.runtime,
-                "precision": info.precision,
-                "device": info.device,
-            },
-            engine=f"{info.kind}-{info.precision}",
-            max_record_bytes=s.kafka.max_request_size_bytes,
-            max_raw_bytes=m.max_message_bytes,
-        ),
-        max_in_flight=b.queue_capacity,
-        metrics=metrics,
-        on_fatal=lambda exc: None,  # pipeline.failed stops the feed loop
-        ledger=ledger,
-        tracer=tracer,
-    )
-    if s.conversations.enabled:
-        cs = s.conversations
-        labels = tuple(rt.engine.labels)
-        tracker = ConversationTracker(
-            labels=labels,
-            rules=load_rules(cs.rules_file, labels=labels),
-            window_s=cs.window_s,
-            window_pane_s=cs.window_pane_s,
-            allowed_lateness_s=cs.allowed_lateness_s,
-            mood_half_life_s=cs.mood_half_life_s,
-            recent_messages=cs.recent_messages,
-            dominant_min_margin=cs.dominant_min_margin,
-            emit_interval_s=cs.emit_interval_s,
-            ttl_s=cs.ttl_s,
-            max_future_skew_s=cs.max_future_skew_s,
-        )
-        # the worker's Faust table changelog name (worker.app.changelog_topic, not importable without Faust)
-        store = DictStore(f"{s.worker.app_id}-emotion-conversations-v1-changelog")
-        stage = ConversationStage(
-            tracker, store, states_topic=s.topics.conversations, alerts_topic=s.topics.alerts, metrics=metrics
-        )
-        pipeline.emitter.stages.append(stage)
-    return pipeline
-
-
 async def _every(interval_s: float, tick: Any) -> None:
     while True:
         await asyncio.sleep(interval_s)
@@ -564,7 +451,17 @@ def run_child(index: int, section_dir: Path, texts_path: Path, messages: int, op
             "rayon_num_threads": os.environ.get("RAYON_NUM_THREADS"),
         }
         sink = AckingSink(settings.topics.events, settings.topics.dead_letters, settings.topics.metrics)
-        pipeline = build_pipeline(settings, rt, metrics, sink, settings.worker.state_dir)
+        from stream_app.assembly import build_pipeline
+
+        store = DictStore(f"{settings.worker.app_id}-emotion-conversations-v1-changelog")
+        pipeline = build_pipeline(
+            settings,
+            rt,
+            sink=sink,
+            metrics=metrics,
+            on_fatal=lambda exc: None,  # pipeline.failed stops the feed loop
+            conversation_store=store,
+        ).pipeline
         out["settings"] = {
             "batching": settings.batching.model_dump(mode="json"),
             "conversations": settings.conversations.enabled,

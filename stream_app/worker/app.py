@@ -34,17 +34,11 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
-from stream_app.cache.admission import Admission, SecondSightingAdmission
+from stream_app.assembly import build_pipeline
 from stream_app.cache.keys import ModelIdentity, cache_key, normalise
 from stream_app.cache.lru import TtlLru
-from stream_app.cache.tiered import L1Entry, ResultCache, SweepPlanner
-from stream_app.conversations.rules import load_rules
+from stream_app.cache.tiered import L1Entry, SweepPlanner
 from stream_app.conversations.stage import ConversationStage
-from stream_app.conversations.tracker import ConversationTracker
-from stream_app.core.classifier import ClassifierConfig
-from stream_app.core.crash_ledger import CrashLedger
-from stream_app.core.emitter import EmitterConfig
-from stream_app.core.intake import Intake
 from stream_app.core.pipeline import Pipeline
 from stream_app.core.slots import RecordLike, Result
 from stream_app.errors import InfrastructureError
@@ -52,7 +46,7 @@ from stream_app.kafka_config import aiokafka_client_kwargs
 from stream_app.metrics import Metrics
 from stream_app.service import Runtime
 from stream_app.settings import Settings
-from stream_app.tracing import BatchTracer, batch_tracer
+from stream_app.tracing import BatchTracer
 from stream_app.worker import faust_glue
 from stream_app.worker.credentials import faust_credentials
 from stream_app.worker.faust_glue import EmotionApp, FaustTableStore, Watchdog
@@ -279,112 +273,21 @@ class Worker:
         )
 
     def _build_pipeline(self, rt: Runtime) -> Pipeline:
-        s = self.settings
-        b, m, c = s.batching, s.model, s.cache
-        info = rt.engine.info
-        identity = ModelIdentity(
-            name=info.model_name, version=info.model_version, runtime=info.kind, precision=info.precision
-        )
-        l1: TtlLru[bytes, L1Entry] | None = (
-            TtlLru(max_entries=c.l1_max_entries, ttl_s=c.l1_ttl_s) if c.l1_enabled else None
-        )
-        admission: Admission | None = None
-        if c.admission == "second_sighting":
-            admission = SecondSightingAdmission(capacity=max(1024, c.l2_max_entries_per_partition))
-        cache = ResultCache(
-            l1=l1,
-            l2=self.l2 if c.l2_enabled else None,
-            admission=admission,
-            l2_ttl_s=c.l2_ttl_s,
-            n_labels=len(rt.engine.labels),
-            metrics=self.metrics,
-        )
-        self._warm = (rt, l1, identity) if l1 is not None and rt.warm_file_phrases else None
         assert self.producer is not None
-        self.tracer = batch_tracer(
-            s.tracing,
-            engine=f"{info.kind}-{info.precision}",
-            consumer_group=s.worker.app_id,
-            worker_id=s.worker.worker_id,
-            max_links=b.max_batch_size,
-        )
-        ledger = CrashLedger(s.worker.state_dir / "crash-ledger.json", max_strikes=s.worker.max_record_crashes)
-        pipeline = Pipeline(
-            engine=rt.engine,
-            encoder=rt.encoder,
+        built = build_pipeline(
+            self.settings,
+            rt,
             sink=KafkaSink(self.producer),
-            intake=Intake(
-                max_message_bytes=m.max_message_bytes,
-                max_text_chars=m.max_text_chars,
-                overlong_reject=m.overlong == "reject",
-                identity=identity,
-            ),
-            cache=cache,
-            classifier_config=ClassifierConfig(
-                max_batch_size=b.max_batch_size,
-                max_batch_tokens=b.max_batch_tokens,
-                max_wait_s=b.max_wait_ms / 1000.0,
-                capacity=2 * b.queue_capacity + s.kafka.max_poll_records,
-                group_by_length=b.group_by_length,
-                adaptive=b.adaptive,
-                target_batch_s=b.target_batch_p99_ms / 1000.0,
-                min_batch_tokens=b.min_batch_tokens,
-                max_batch_tokens_ceiling=b.max_batch_tokens_ceiling,
-                overlong_reject=m.overlong == "reject",
-                concurrent_batches=rt.concurrent_batches,
-            ),
-            emitter_config=EmitterConfig(
-                events_topic=s.topics.events,
-                dead_letters_topic=s.topics.dead_letters,
-                metrics_topic=s.topics.metrics,
-                worker_id=s.worker.worker_id,
-                labels=tuple(rt.engine.labels),
-                model={
-                    "name": info.model_name,
-                    "version": info.model_version,
-                    "runtime": info.runtime,
-                    "precision": info.precision,
-                    "device": info.device,
-                },
-                engine=f"{info.kind}-{info.precision}",
-                max_record_bytes=s.kafka.max_request_size_bytes,
-                max_raw_bytes=m.max_message_bytes,
-            ),
-            max_in_flight=b.queue_capacity,
             metrics=self.metrics,
             on_fatal=self.fatal,
-            ledger=ledger,
-            tracer=self.tracer,
+            l2=self.l2,
+            conversation_store=self.conversation_store,
         )
-        if self.conversation_store is not None:
-            self.conversations = self._conversation_stage(tuple(rt.engine.labels))
-            pipeline.emitter.stages.append(self.conversations)
-        pipeline.emitter.transactions = self.transactions
-        return pipeline
-
-    def _conversation_stage(self, labels: tuple[str, ...]) -> ConversationStage:
-        c = self.settings.conversations
-        assert self.conversation_store is not None
-        tracker = ConversationTracker(
-            labels=labels,
-            rules=load_rules(c.rules_file, labels=labels),
-            window_s=c.window_s,
-            window_pane_s=c.window_pane_s,
-            allowed_lateness_s=c.allowed_lateness_s,
-            mood_half_life_s=c.mood_half_life_s,
-            recent_messages=c.recent_messages,
-            dominant_min_margin=c.dominant_min_margin,
-            emit_interval_s=c.emit_interval_s,
-            ttl_s=c.ttl_s,
-            max_future_skew_s=c.max_future_skew_s,
-        )
-        return ConversationStage(
-            tracker,
-            self.conversation_store,
-            states_topic=self.settings.topics.conversations,
-            alerts_topic=self.settings.topics.alerts,
-            metrics=self.metrics,
-        )
+        self._warm = (rt, built.l1, built.identity) if built.l1 is not None and rt.warm_file_phrases else None
+        self.tracer = built.tracer
+        self.conversations = built.conversations
+        built.pipeline.emitter.transactions = self.transactions
+        return built.pipeline
 
     @staticmethod
     def _warm_l1(rt: Runtime, l1: TtlLru[bytes, L1Entry], identity: ModelIdentity, phrases: list[str]) -> None:
