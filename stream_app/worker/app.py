@@ -268,7 +268,10 @@ class Worker:
             max_request_size=kafka.max_request_size_bytes,
             compression_type=None if kafka.compression_type == "none" else kafka.compression_type,
             enable_idempotence=kafka.producer_acks == "all" or transactional_id is not None,
-            request_timeout_ms=int(max(30.0, kafka.session_timeout_s) * 1000),
+            # also how long aiokafka retries a batch the broker answers with a retriable error (no leader
+            # during an election, a topic just created) before failing it: as long as the worker's own bound
+            # on an unreachable broker, so a slow election never stops the worker sooner than a dead broker
+            request_timeout_ms=int(max(30.0, kafka.session_timeout_s, kafka.unavailable_timeout_s) * 1000),
             **extra,
         )
 
