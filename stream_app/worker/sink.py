@@ -45,11 +45,29 @@ class KafkaSink:
     def __init__(self, producer: AIOKafkaProducer) -> None:
         self.producer = producer
         self._partition_of: dict[tuple[bytes, int], int] = {}
+        self._tracked: set[str] = set()
+
+    async def track(self, topic: str) -> None:
+        """Make the producer's metadata name ``topic`` from now on.
+
+        aiokafka's client fetches metadata for every topic until one topic is added by name (a send to a topic
+        its first metadata did not hold, e.g. a changelog created after the producer started); from then on
+        it asks only for the topics added by name, and batches already queued for the others find no leader
+        and wait until they expire (found as a worker stopped by ``KafkaTimeoutError`` 120 s after its first
+        events, when the conversation changelog was created a moment after the producer). Naming every
+        topic this sink produces to before its first send keeps them all known.
+        """
+        if topic in self._tracked:
+            return
+        self._tracked.add(topic)
+        await self.producer.client.set_topics(sorted(self._tracked))
 
     async def send(
         self, topic: str, records: Sequence[OutRecord]
     ) -> list[tuple[list[int], asyncio.Future[int | None]]]:
         producer = self.producer
+        if topic not in self._tracked:
+            await self.track(topic)
         partitions = sorted(await producer.partitions_for(topic))
         explicit = {r.partition for r in records if r.partition is not None}
         if explicit - set(partitions):

@@ -130,3 +130,12 @@ def test_what_places_a_newly_assigned_partition() -> None:
     assert inspect.iscoroutinefunction(AIOKafkaConsumer.committed)
     assert _params(AIOKafkaConsumer.committed) == ["self", "partition"]
     assert "if offset and offset > 0:" in inspect.getsource(AIOKafkaConsumer.seek_to_committed)
+
+
+def test_the_producer_metadata_the_sink_names_its_topics_in() -> None:
+    """KafkaSink names every topic it produces to (aiokafka narrows metadata to named topics once one is)."""
+    from aiokafka.client import AIOKafkaClient
+
+    assert _params(AIOKafkaClient.set_topics) == ["self", "topics"]
+    assert "self._topics = set(topics)" in inspect.getsource(AIOKafkaClient.set_topics)
+    assert "self._topics.add(topic)" in inspect.getsource(AIOKafkaClient.add_topic)
