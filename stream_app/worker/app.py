@@ -355,10 +355,11 @@ class Worker:
         Returns the partitions not taken (their records in this chunk are dropped): those rewound, or all of
         them when a rebalance happened while the offsets were read. Records fetched
         while a partition was being assigned or recovered are dropped by Faust, which relies on seeking every
-        partition to its committed offset afterwards; but a partition without a committed offset (or one of
-        0) is not sought (aiokafka's ``seek_to_committed`` skips it), so its position stays past the dropped
-        records and they would never be read (found as a loss under exactly-once: a rebalance while the
-        first messages of a partition arrived). The start is the committed offset, or the log start when
+        partition to its committed offset afterwards. aiokafka's seek skips a partition without a committed
+        offset (or at 0), so its position stayed past the dropped records (found as a loss under
+        exactly-once); the glue's seek now moves those too (``faust_glue.seek_to_committed_or_reset``), and
+        this check of the first record stays as the second guard, for a seek that timed out or failed (Faust
+        goes on without it). The start is the committed offset, or the log start when
         there is none or it is below the log start (retention deleted what it pointed at: counted and
         warned); a first record past it is rewound to it, once per assignment, since the gap can be real
         (aborted transactions and their markers, compaction).

@@ -10,6 +10,9 @@ against the installed versions so that an upgrade fails loudly instead of silent
 * the aiokafka consumer's cluster metadata (``_client.cluster``) for partition counts;
 * ``Consumer.seek``, ``earliest_offsets`` and the consumer thread's ``call_thread`` with aiokafka's
   ``committed`` (a newly assigned partition's start, read from the broker);
+* the consumer thread's ``seek_to_committed`` (what Faust's ``perform_seek`` calls after a rebalance), with
+  aiokafka's ``seek_to_committed``, ``seek``, ``seek_to_beginning``, ``seek_to_end`` and the fetcher's
+  ``_default_reset_strategy``;
 * ``Consumer._drain_messages`` (the fetch loop), ``_wait_next_records``, ``_to_message``, ``callback``,
   ``_read_offset``, ``_committed_offset``, ``_buffered_partitions``, ``flow_active``, ``_commit`` and the
   thread delegate ``_thread`` with its aiokafka consumer ``_consumer``;
@@ -39,6 +42,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
 
 import faust
+from aiokafka import AIOKafkaConsumer
+from aiokafka.consumer.fetcher import OffsetResetStrategy
 from aiokafka.structs import TopicPartition
 from faust.stores import STORES
 from faust.stores.rocksdb import Store as RocksStore
@@ -61,6 +66,7 @@ __all__ = [
     "log_start_offsets",
     "register_store",
     "seek",
+    "seek_to_committed_or_reset",
     "settle_transactional_recovery",
     "table_owner_url",
     "table_owner_urls",
@@ -87,6 +93,53 @@ class EmotionConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         consumer = super()._create_worker_consumer(transport)
         consumer._isolation_level = "read_committed"
         return consumer
+
+    async def seek_to_committed(self) -> Mapping[TP, int]:
+        """Faust's seek of every assigned partition after a rebalance, with the input partitions that
+        aiokafka's ``seek_to_committed`` leaves where they are moved too (:func:`seek_to_committed_or_reset`)."""
+        consumer = self._ensure_consumer()
+        topics: frozenset[str] = getattr(self.consumer, "chunk_topics", frozenset())
+        return cast(Mapping[TP, int], await self.call_thread(seek_to_committed_or_reset, consumer, topics))
+
+
+async def seek_to_committed_or_reset(
+    consumer: AIOKafkaConsumer, topics: frozenset[str]
+) -> dict[TopicPartition, int | None]:
+    """Seek every assigned partition of ``consumer`` to its committed offset, and one of ``topics`` without a
+    committed offset to where ``auto.offset.reset`` puts it (the log start, for ``earliest``).
+
+    ``topics`` are those whose offsets the group commits (the input). Table changelogs are assigned too, but
+    their positions are the recovery's and the standbys' own (the group commits none): moving them to the log
+    start would replay whole changelogs.
+
+    Faust drops the records it fetched for a partition while a rebalance or table recovery was in progress,
+    and relies on this seek to read them again. aiokafka's own ``seek_to_committed`` only moves partitions
+    whose committed offset is above 0, so a partition without one (a new group, a new partition) or at 0
+    kept its position past the dropped records; when nothing more arrived for it, they were never read
+    (found as a whole input partition without outcomes after a fenced zombie's partitions moved twice).
+
+    Returns:
+        partition -> committed offset (None where the group has none), as aiokafka's method does.
+
+    Raises:
+        KafkaError: the group coordinator did not answer.
+    """
+    committed: dict[TopicPartition, int | None] = await consumer.seek_to_committed()
+    unset: list[TopicPartition] = []
+    for tp, offset in committed.items():
+        if tp.topic not in topics:
+            continue
+        if offset is None or offset < 0:
+            unset.append(tp)
+        elif offset == 0:
+            consumer.seek(tp, 0)
+    if unset:
+        strategy = consumer._fetcher._default_reset_strategy
+        if strategy == OffsetResetStrategy.EARLIEST:
+            await consumer.seek_to_beginning(*unset)
+        elif strategy == OffsetResetStrategy.LATEST:
+            await consumer.seek_to_end(*unset)
+    return committed
 
 
 class EmotionConsumer(faust_aiokafka.Consumer):

@@ -8,6 +8,7 @@ import inspect
 import faust
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.consumer.fetcher import Fetcher, OffsetResetStrategy
 from aiokafka.consumer.subscription_state import Assignment, TopicPartitionState
 from aiokafka.producer.message_accumulator import BatchBuilder
 from faust.assignor.partition_assignor import PartitionAssignor
@@ -121,7 +122,7 @@ def test_aiokafka_batch_api_used_by_the_sink() -> None:
 def test_what_places_a_newly_assigned_partition() -> None:
     """The start of a new partition is read from the broker through the consumer thread, and a position left
     past dropped records is moved with Faust's seek; aiokafka's seek_to_committed skips partitions without a
-    committed offset (or with 0), which is why the worker checks the first record itself."""
+    committed offset (or with 0), which is why the glue replaces it and the worker checks the first record."""
     assert inspect.iscoroutinefunction(faust_consumer.Consumer.seek)
     assert _params(faust_consumer.Consumer.seek) == ["self", "partition", "offset"]
     assert inspect.iscoroutinefunction(faust_consumer.ThreadDelegateConsumer.earliest_offsets)
@@ -130,6 +131,27 @@ def test_what_places_a_newly_assigned_partition() -> None:
     assert inspect.iscoroutinefunction(AIOKafkaConsumer.committed)
     assert _params(AIOKafkaConsumer.committed) == ["self", "partition"]
     assert "if offset and offset > 0:" in inspect.getsource(AIOKafkaConsumer.seek_to_committed)
+
+
+def test_the_seek_after_a_rebalance_goes_through_the_glue() -> None:
+    """Recovery seeks stream partitions with ``perform_seek``, which reaches the consumer thread's
+    ``seek_to_committed``; the glue's thread replaces that one (aiokafka's skips partitions without a
+    committed offset, or at 0, and Faust dropped what it fetched for them meanwhile)."""
+    assert "consumer.perform_seek()" in inspect.getsource(Recovery._resume_streams)
+    assert "await self.seek_to_committed()" in inspect.getsource(faust_consumer.Consumer.perform_seek)
+    assert "self._thread.seek_to_committed()" in inspect.getsource(
+        faust_consumer.ThreadDelegateConsumer.seek_to_committed
+    )
+    assert "seek_to_committed" in vars(faust_aiokafka.AIOKafkaConsumerThread)
+    assert "seek_to_committed" in vars(faust_glue.EmotionConsumerThread)
+    assert issubclass(faust_glue.EmotionConsumerThread, faust_aiokafka.AIOKafkaConsumerThread)
+    for method in (AIOKafkaConsumer.seek_to_committed, AIOKafkaConsumer.seek_to_beginning,
+                   AIOKafkaConsumer.seek_to_end):  # fmt: skip
+        assert inspect.iscoroutinefunction(method)
+        assert _params(method) == ["self", "partitions"]
+    assert _params(AIOKafkaConsumer.seek) == ["self", "partition", "offset"]
+    assert "self._default_reset_strategy = " in inspect.getsource(Fetcher.__init__)
+    assert {OffsetResetStrategy.EARLIEST, OffsetResetStrategy.LATEST} <= set(vars(OffsetResetStrategy).values())
 
 
 def test_the_producer_metadata_the_sink_names_its_topics_in() -> None:

@@ -39,3 +39,25 @@ def test_never_before_the_log_start_nor_the_committed_offset(committed: int | No
         assert planned is not None and planned >= start
     if committed is not None:
         assert planned is not None and planned >= committed
+
+
+def test_the_consumer_thread_seeks_every_partition_through_the_glue() -> None:
+    """Faust's seek after a rebalance runs the glue's seek (committed offset, else auto.offset.reset) in the
+    consumer thread, not aiokafka's, which leaves a partition without a committed offset where it was."""
+    import asyncio
+
+    from stream_app.worker import faust_glue
+
+    calls: list[tuple[object, tuple[object, ...]]] = []
+    consumer = object()
+    thread = object.__new__(faust_glue.EmotionConsumerThread)
+    owner = object.__new__(faust_glue.EmotionConsumer)
+    owner.__dict__["chunk_topics"] = frozenset({"chat"})
+
+    async def call_thread(fn: object, *args: object) -> dict[object, int]:
+        calls.append((fn, args))
+        return {}
+
+    thread.__dict__.update(_ensure_consumer=lambda: consumer, call_thread=call_thread, consumer=owner)
+    assert asyncio.run(thread.seek_to_committed()) == {}
+    assert calls == [(faust_glue.seek_to_committed_or_reset, (consumer, frozenset({"chat"})))]
