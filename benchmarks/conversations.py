@@ -68,6 +68,7 @@ from stream_app.conversations.stage import ConversationStage
 from stream_app.conversations.state import ClassifiedMessage, ConversationState
 from stream_app.conversations.tracker import ConversationTracker
 from stream_app.core.slots import ChunkInfo, Lane, OutRecord, Result, Slot
+from stream_app.devtools.stores import MemoryStateStore
 from stream_app.metrics import Metrics
 from stream_app.records import ChatMessage, rfc3339
 
@@ -155,36 +156,6 @@ def run_memory(t: ConversationTracker, msgs: list[ClassifiedMessage], nows: list
     return {"emitted": emitted, "alerts": alerts, "conversations": len(states)}
 
 
-class DictStore:
-    """The stage's ``StateStore`` over a dict (the worker's is a RocksDB table partition)."""
-
-    changelog_topic = "emotion-conversations-v1-changelog"
-
-    def __init__(self) -> None:
-        self.data: dict[tuple[int, bytes], bytes] = {}
-
-    def holds(self, partition: int) -> bool:
-        return True
-
-    def get(self, partition: int, key: bytes) -> bytes | None:
-        return self.data.get((partition, key))
-
-    def put_local(self, partition: int, key: bytes, value: bytes | None) -> None:
-        if value is None:
-            self.data.pop((partition, key), None)
-        else:
-            self.data[(partition, key)] = value
-
-    def set_persisted_offset(self, partition: int, offset: int) -> None:
-        pass
-
-    def items(self, partition: int) -> list[tuple[bytes, bytes]]:
-        return [(k, v) for (p, k), v in self.data.items() if p == partition]
-
-    def partitions(self) -> list[int]:
-        return sorted({p for p, _ in self.data})
-
-
 def make_slots(msgs: list[ClassifiedMessage]) -> list[Slot]:
     """The released slots the emitter would hand the stage for these messages (built before timing)."""
     lane = Lane(0)
@@ -209,7 +180,7 @@ def run_stage(
     t: ConversationTracker, slots: list[Slot], nows: list[float], flush: int, metrics: Metrics
 ) -> dict[str, float]:
     clock = [0.0]
-    store = DictStore()
+    store = MemoryStateStore("emotion-conversations-v1-changelog")
     stage = ConversationStage(
         t, store, states_topic="states", alerts_topic="alerts", metrics=metrics, wall_clock=lambda: clock[0]
     )

@@ -172,35 +172,6 @@ class AckingSink:
         return [(list(range(len(records))), fut)]
 
 
-class DictStore:
-    """The conversation stage's ``StateStore`` over a dict (the worker's is a Faust RocksDB table)."""
-
-    def __init__(self, changelog_topic: str) -> None:
-        self.changelog_topic = changelog_topic
-        self.data: dict[tuple[int, bytes], bytes] = {}
-
-    def holds(self, partition: int) -> bool:
-        return True
-
-    def get(self, partition: int, key: bytes) -> bytes | None:
-        return self.data.get((partition, key))
-
-    def put_local(self, partition: int, key: bytes, value: bytes | None) -> None:
-        if value is None:
-            self.data.pop((partition, key), None)
-        else:
-            self.data[(partition, key)] = value
-
-    def set_persisted_offset(self, partition: int, offset: int) -> None:
-        pass
-
-    def items(self, partition: int) -> list[tuple[bytes, bytes]]:
-        return [(k, v) for (p, k), v in self.data.items() if p == partition]
-
-    def partitions(self) -> list[int]:
-        return sorted({p for p, _ in self.data})
-
-
 def read_texts(path: Path) -> list[str]:
     """The distinct texts of a GoEmotions TSV (text<TAB>label ids<TAB>id), read by the library."""
     from stream_app.model.data import load_labels, load_split
@@ -452,8 +423,9 @@ def run_child(index: int, section_dir: Path, texts_path: Path, messages: int, op
         }
         sink = AckingSink(settings.topics.events, settings.topics.dead_letters, settings.topics.metrics)
         from stream_app.assembly import build_pipeline
+        from stream_app.devtools.stores import MemoryStateStore
 
-        store = DictStore(f"{settings.worker.app_id}-emotion-conversations-v1-changelog")
+        store = MemoryStateStore(f"{settings.worker.app_id}-emotion-conversations-v1-changelog")
         pipeline = build_pipeline(
             settings,
             rt,

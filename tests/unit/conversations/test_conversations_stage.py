@@ -15,6 +15,7 @@ from stream_app.conversations.stage import ConversationStage
 from stream_app.conversations.state import ClassifiedMessage, ConversationState
 from stream_app.conversations.tracker import ConversationTracker
 from stream_app.core.slots import ChunkInfo, Lane, OutRecord, Result, Slot
+from stream_app.devtools.stores import MemoryStateStore
 from stream_app.metrics import Metrics
 from stream_app.records import ChatMessage
 from tests.unit.conversations.helpers import LABELS, T0, TOPIC, scores_for, tracker
@@ -34,38 +35,16 @@ rearm_after_messages = 1
 """
 
 
-class DictStore:
-    """The StateStore protocol over dicts; counts ``holds`` calls."""
-
-    changelog_topic = CHANGELOG
+class DictStore(MemoryStateStore):
+    """The in-memory store holding partitions 0 and 1; counts ``holds`` calls."""
 
     def __init__(self, partitions: Iterable[int] = (0, 1)) -> None:
-        self.held = set(partitions)
-        self.data: dict[int, dict[bytes, bytes]] = {p: {} for p in self.held}
-        self.persisted: dict[int, int] = {}
+        super().__init__(CHANGELOG, partitions)
         self.holds_calls = 0
 
     def holds(self, partition: int) -> bool:
         self.holds_calls += 1
-        return partition in self.held
-
-    def get(self, partition: int, key: bytes) -> bytes | None:
-        return self.data.get(partition, {}).get(key)
-
-    def put_local(self, partition: int, key: bytes, value: bytes | None) -> None:
-        if value is None:
-            self.data[partition].pop(key, None)
-        else:
-            self.data[partition][key] = value
-
-    def set_persisted_offset(self, partition: int, offset: int) -> None:
-        self.persisted[partition] = offset
-
-    def items(self, partition: int) -> list[tuple[bytes, bytes]]:
-        return list(self.data.get(partition, {}).items())
-
-    def partitions(self) -> list[int]:
-        return sorted(self.held)
+        return super().holds(partition)
 
 
 class Clock:
