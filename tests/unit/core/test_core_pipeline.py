@@ -405,3 +405,23 @@ async def test_encoder_and_engine_calls_are_per_chunk_and_batch_not_per_message(
     )
     assert encoder.calls == [100]
     assert len(engine.calls) <= 3
+
+
+async def test_a_truncated_result_in_the_cache_is_still_rejected_when_overlong_texts_are() -> None:
+    """A shared L2 can hold a result that another worker (or this one, before a settings change) computed by
+    truncating the text; with overlong_reject the text is a dead letter all the same, not an event."""
+    long_text = "word " * 30  # over the fake encoder's 16 tokens
+    l2 = DictL2()
+    sink = ListSink()
+    await _drive(build(sink, l2=l2, l1=False), [{0: [Rec(0, raw(0, long_text))]}])
+    (event,) = sink.docs("events")
+    assert event["truncated"] is True and l2.data  # computed by truncating, and cached
+    for l1 in (False, True):
+        sink2, engine2 = ListSink(), FakeEngine()
+        await _drive(
+            build(sink2, l2=l2, l1=l1, engine=engine2, overlong_reject=True), [{0: [Rec(1, raw(1, long_text))]}]
+        )
+        assert sink2.docs("events") == []
+        (dead,) = sink2.docs("dlq")
+        assert (dead["reason"], dead["stage"]) == ("text_too_long", "tokenize")
+        assert engine2.calls == []
