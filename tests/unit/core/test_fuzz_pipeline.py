@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,21 +30,16 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from stream_app.cache.admission import AlwaysAdmit, SecondSightingAdmission
-from stream_app.cache.keys import ModelIdentity
-from stream_app.cache.lru import TtlLru
-from stream_app.cache.tiered import L1Entry, ResultCache
-from stream_app.core.classifier import ClassifierConfig
-from stream_app.core.crash_ledger import CrashLedger
-from stream_app.core.emitter import EmitterConfig
-from stream_app.core.intake import Intake
+from stream_app.assembly import build_pipeline as assemble
 from stream_app.core.pipeline import Pipeline
 from stream_app.core.slots import OutRecord
 from stream_app.errors import ModelError, OutputRejectedError
 from stream_app.inference.base import Engine
+from stream_app.inference.select import SelectionReport
 from stream_app.inference.tokenize import TextEncoder
 from stream_app.metrics import Metrics
 from stream_app.records import DEFAULT_MAX_RECORD_BYTES, MIN_MAX_RECORD_BYTES
+from stream_app.service import Runtime
 from stream_app.settings import Settings, load_settings
 from tests.fuzzing import (
     STAGE,
@@ -77,6 +72,7 @@ class Model:
     settings: Settings
     engine: Engine
     encoder: TextEncoder
+    selection: SelectionReport
     ledger_dir: Path
     l2: DictL2
 
@@ -93,7 +89,7 @@ def model() -> Iterator[Model]:
     except ModelError as exc:  # the set-up script builds it; a missing model is a broken set-up, not a skip
         pytest.fail(f"{exc} (run scripts/setup.sh first)")
     encoder = TextEncoder.from_pretrained(path, max_length=s.model.max_length_tokens)
-    engine, _ = load_engine(
+    engine, selection = load_engine(
         path,
         engine="onnx-int8",
         device="cpu",
@@ -104,7 +100,7 @@ def model() -> Iterator[Model]:
         benchmark=False,
     )
     with tempfile.TemporaryDirectory(prefix="fuzz-ledger-") as tmp:
-        yield Model(s, engine, encoder, Path(tmp), DictL2())
+        yield Model(s, engine, encoder, selection, Path(tmp), DictL2())
     engine.close()
 
 
@@ -119,12 +115,14 @@ class LimitSink:
         self.sent: list[tuple[str, OutRecord]] = []
         self.refused = 0
 
-    async def send(self, topic: str, records: Any) -> list[tuple[list[int], asyncio.Future[None]]]:
+    async def send(
+        self, topic: str, records: Sequence[OutRecord]
+    ) -> list[tuple[list[int], asyncio.Future[int | None]]]:
         loop = asyncio.get_running_loop()
-        out: list[tuple[list[int], asyncio.Future[None]]] = []
+        out: list[tuple[list[int], asyncio.Future[int | None]]] = []
         for start in range(0, len(records), 16):
             idx = list(range(start, min(len(records), start + 16)))
-            fut: asyncio.Future[None] = loop.create_future()
+            fut: asyncio.Future[int | None] = loop.create_future()
             part = [records[i] for i in idx]
             if any(self.size(r.key, r.value, r.headers) > self.max_record_bytes for r in part):
                 self.refused += 1
@@ -139,68 +137,29 @@ class LimitSink:
 def build_pipeline(
     m: Model, sink: LimitSink, *, overlong_reject: bool, l1: bool, always_admit: bool, fatal: list[BaseException]
 ) -> Pipeline:
-    """A pipeline wired the way ``stream_app.worker.app.Worker`` wires it, from the default settings."""
-    s = m.settings
-    b = s.batching
-    info = m.engine.info
-    identity = ModelIdentity(
-        name=info.model_name, version=info.model_version, runtime=info.kind, precision=info.precision
+    """The pipeline of the worker's own assembly (``stream_app.assembly.build_pipeline``), with the
+    example's settings, the in-memory L2, and two batches in flight as on a GPU."""
+    base = m.settings
+    s = base.model_copy(
+        update={
+            "model": base.model.model_copy(update={"overlong": "reject" if overlong_reject else "truncate"}),
+            "cache": base.cache.model_copy(
+                update={
+                    "l1_enabled": l1,
+                    "l1_max_entries": 1000,
+                    "l2_enabled": True,
+                    "admission": "always" if always_admit else "second_sighting",
+                }
+            ),
+            "kafka": base.kafka.model_copy(update={"max_request_size_bytes": sink.max_record_bytes}),
+        }
     )
-    metrics = Metrics()
-    cache = ResultCache(
-        l1=TtlLru[bytes, L1Entry](max_entries=1000, ttl_s=60.0) if l1 else None,
-        l2=m.l2,
-        admission=AlwaysAdmit() if always_admit else SecondSightingAdmission(capacity=1024),
-        l2_ttl_s=600.0,
-        n_labels=len(m.engine.labels),
-        metrics=metrics,
-    )
-    return Pipeline(
-        engine=m.engine,
-        encoder=m.encoder,
-        sink=sink,
-        intake=Intake(
-            max_message_bytes=s.model.max_message_bytes,
-            max_text_chars=s.model.max_text_chars,
-            overlong_reject=overlong_reject,
-            identity=identity,
-        ),
-        cache=cache,
-        classifier_config=ClassifierConfig(
-            max_batch_size=b.max_batch_size,
-            max_batch_tokens=b.max_batch_tokens,
-            max_wait_s=b.max_wait_ms / 1000.0,
-            capacity=2 * b.queue_capacity + s.kafka.max_poll_records,
-            group_by_length=b.group_by_length,
-            adaptive=b.adaptive,
-            target_batch_s=b.target_batch_p99_ms / 1000.0,
-            min_batch_tokens=b.min_batch_tokens,
-            max_batch_tokens_ceiling=b.max_batch_tokens_ceiling,
-            overlong_reject=overlong_reject,
-            concurrent_batches=2,
-        ),
-        emitter_config=EmitterConfig(
-            events_topic=EVENTS,
-            dead_letters_topic=DLQ,
-            metrics_topic=METRICS,
-            worker_id="fuzz-worker",
-            labels=tuple(m.engine.labels),
-            model={
-                "name": info.model_name,
-                "version": info.model_version,
-                "runtime": info.runtime,
-                "precision": info.precision,
-                "device": info.device,
-            },
-            engine=f"{info.kind}-{info.precision}",
-            max_record_bytes=sink.max_record_bytes,
-            max_raw_bytes=s.model.max_message_bytes,
-        ),
-        max_in_flight=b.queue_capacity,
-        metrics=metrics,
-        on_fatal=fatal.append,
-        ledger=CrashLedger(m.ledger_dir / "crash-ledger.json", max_strikes=s.worker.max_record_crashes),
-    )
+    rt = Runtime(
+        settings=s, metrics=Metrics(), engine=m.engine, encoder=m.encoder, selection=m.selection,
+        concurrent_batches=2,
+    )  # fmt: skip
+    built = assemble(s, rt, sink=sink, metrics=rt.metrics, on_fatal=fatal.append, l2=m.l2, state_dir=m.ledger_dir)
+    return built.pipeline
 
 
 @dataclass(frozen=True, repr=False)
