@@ -96,7 +96,11 @@ def build_pipeline(
     b, m, c = s.batching, s.model, s.cache
     info = rt.engine.info
     identity = ModelIdentity(
-        name=info.model_name, version=info.model_version, runtime=info.kind, precision=info.precision
+        name=info.model_name,
+        version=info.model_version,
+        runtime=info.kind,
+        precision=info.precision,
+        max_length_tokens=rt.encoder.max_length,
     )
     l1: TtlLru[bytes, L1Entry] | None = TtlLru(max_entries=c.l1_max_entries, ttl_s=c.l1_ttl_s) if c.l1_enabled else None
     admission: Admission | None = None

@@ -350,7 +350,11 @@ class ModelSettings(_Group):
         "float16", description="Precision of the PyTorch engine on CUDA (CPU always runs float32)."
     )
     max_length_tokens: int = Field(
-        128, ge=8, le=512, description="Token limit per message; longer texts are truncated or rejected."
+        128,
+        ge=8,
+        le=512,
+        description="Token limit per message; longer texts are truncated or rejected. Part of the cache key: "
+        "after a change, results cached under the old limit are not used (the L2 fills again).",
     )
     overlong: Literal["truncate", "reject"] = Field(
         "truncate",

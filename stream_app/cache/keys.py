@@ -1,9 +1,9 @@
 """Cache keys: normalised text hashed together with the identity of the model that scored it.
 
 Two messages share a cached result when their texts are equal after :func:`normalise` and the same model
-(name, version, runtime, precision) scored them. Case is kept on purpose: "I HATE this" and "i hate this"
-may carry different emotion, and the classifier is cased-input (its tokenizer lower-cases or not; the
-cache must not decide that for it).
+(name, version, runtime, precision) scored them with the same input window (``max_length_tokens``).
+Case is kept on purpose: "I HATE this" and "i hate this" may carry different emotion, and the classifier
+is cased-input (its tokenizer lower-cases or not; the cache must not decide that for it).
 """
 
 from __future__ import annotations
@@ -41,12 +41,17 @@ class ModelIdentity:
         version: Version of the weights (checkpoint hash or release).
         runtime: Engine, e.g. ``torch``, ``onnx``, ``onnx-int8``.
         precision: Numeric precision, e.g. ``float32``, ``float16``.
+        max_length_tokens: The tokens the model reads of a text (``model.max_length_tokens``); None leaves
+            it out of the key. A longer text's result depends on it (truncated, or rejected), and the L2
+            cache outlives restarts and is shared by the group, so a changed limit must not be answered
+            with results computed under the old one.
     """
 
     name: str
     version: str
     runtime: str
     precision: str
+    max_length_tokens: int | None = None
 
     def __post_init__(self) -> None:
         for field, value in (
@@ -61,8 +66,10 @@ class ModelIdentity:
 
     @functools.cached_property
     def key_prefix(self) -> bytes:
-        """``tag + "\\x00"`` in UTF-8: what every cache key of this model starts with before hashing."""
-        return f"{self.tag}\x00".encode("utf-8", "surrogatepass")
+        """``tag`` (then ``|max_length_tokens`` when set) ``+ "\\x00"`` in UTF-8: what every cache key of this
+        model starts with before hashing. The fields hold no ``|``, so the prefix is injective."""
+        window = "" if self.max_length_tokens is None else f"{_TAG_SEPARATOR}{self.max_length_tokens}"
+        return f"{self.tag}{window}\x00".encode("utf-8", "surrogatepass")
 
     @property
     def tag(self) -> str:
@@ -71,7 +78,7 @@ class ModelIdentity:
 
 
 def cache_key(text: str, model: ModelIdentity) -> bytes:
-    """16-byte BLAKE2b of ``model.tag + "\\x00" + normalise(text)``.
+    """16-byte BLAKE2b of ``model.key_prefix + normalise(text)``.
 
     ``surrogatepass`` lets a JSON-decoded lone surrogate through instead of failing the lookup.
     """

@@ -59,6 +59,17 @@ def test_a_different_model_gives_a_different_key(other: ModelIdentity) -> None:
     assert cache_key("I am so happy", other) != cache_key("I am so happy", MODEL)
 
 
+def test_a_different_input_window_gives_a_different_key_and_the_same_tag() -> None:
+    """A text's result depends on how many of its tokens the model reads; a changed limit must miss the
+    results the shared L2 holds from the old one (events still report the model by its tag alone)."""
+    w128 = ModelIdentity("minilm-ekman", "abc123", "onnx", "float32", max_length_tokens=128)
+    w256 = ModelIdentity("minilm-ekman", "abc123", "onnx", "float32", max_length_tokens=256)
+    text = "long " * 300
+    assert len({cache_key(text, w128), cache_key(text, w256), cache_key(text, MODEL)}) == 3
+    assert cache_key(text, w128) == cache_key(text, ModelIdentity("minilm-ekman", "abc123", "onnx", "float32", 128))
+    assert w128.tag == w256.tag == MODEL.tag
+
+
 def test_key_shape_and_determinism() -> None:
     key = cache_key("hello", MODEL)
     assert isinstance(key, bytes)
