@@ -32,7 +32,7 @@ from stream_app.core.crash_ledger import CrashLedger
 from stream_app.core.emitter import Emitter, EmitterConfig, Sink
 from stream_app.core.intake import Intake
 from stream_app.core.slots import ChunkInfo, DeadInfo, Lane, RecordLike, Slot
-from stream_app.errors import EmotionStreamError, TextTooLongError
+from stream_app.errors import EmotionStreamError
 from stream_app.inference.base import Engine
 from stream_app.inference.tokenize import TextEncoder
 from stream_app.metrics import Metrics
@@ -289,11 +289,11 @@ class Pipeline:
                     if s.result is not None:
                         if reject and s.result.truncated:
                             # cached by a worker that truncated (another setting, before a restart, or
-                            # another worker of the group): the outcome must not depend on the cache
-                            s.result = None
-                            limit = self.classifier.encoder.max_length
-                            error = TextTooLongError(f"text is over the {limit}-token limit")
-                            s.dead = DeadInfo("text_too_long", "tokenize", error)
+                            # another worker of the group): a miss, so the tokenizer rejects it as it
+                            # would without the cache
+                            s.result, s.level = None, "none"
+                            misses.append(s)
+                            continue
                         decided.append(s)
                         hits[s.level] = hits.get(s.level, 0) + 1
         chunk.cache_s = self.clock() - t1
