@@ -340,8 +340,9 @@ class ModelSettings(_Group):
     )
     engine: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
         "auto",
-        description="Inference engine. 'auto' picks the fastest available engine that passes the parity "
-        "check against PyTorch, and falls back to PyTorch if it fails to load or run.",
+        description="Inference engine: 'torch' (PyTorch), 'onnx', 'onnx-int8' (ONNX Runtime), or 'auto', which "
+        "picks the fastest available engine that passes the parity check against PyTorch, and falls back to "
+        "PyTorch if it fails to load or run.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where to run the model; 'auto' uses CUDA when it is available."
