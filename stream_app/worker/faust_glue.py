@@ -11,8 +11,10 @@ against the installed versions so that an upgrade fails loudly instead of silent
 * ``Consumer.seek``, ``earliest_offsets`` and the consumer thread's ``call_thread`` with aiokafka's
   ``committed`` (a newly assigned partition's start, read from the broker);
 * the consumer thread's ``seek_to_committed`` (what Faust's ``perform_seek`` calls after a rebalance), with
-  aiokafka's ``seek_to_committed``, ``seek``, ``seek_to_beginning``, ``seek_to_end`` and the fetcher's
+  aiokafka's ``seek_to_committed``, ``seek``, ``beginning_offsets``, ``end_offsets`` and the fetcher's
   ``_default_reset_strategy``;
+* the consumer thread's ``verify_event_path`` (Faust's livelock detector) with aiokafka's subscription
+  state (``_subscription.subscription.assignment``, ``state_value``, ``has_valid_position``);
 * ``Consumer._drain_messages`` (the fetch loop), ``_wait_next_records``, ``_to_message``, ``callback``,
   ``_read_offset``, ``_committed_offset``, ``_buffered_partitions``, ``flow_active``, ``_commit`` and the
   thread delegate ``_thread`` with its aiokafka consumer ``_consumer``;
@@ -94,6 +96,25 @@ class EmotionConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         consumer._isolation_level = "read_committed"
         return consumer
 
+    def verify_event_path(self, now: float, tp: TP) -> None:
+        """Faust's livelock detector, skipping a partition that has no position yet.
+
+        aiokafka's ``position`` asserts that one exists, and a partition is without one between its
+        assignment (or a reset to the log start or end) and the fetcher's offset lookup. Faust's check reads
+        it from the event loop's thread while the consumer thread resets, and the assertion crashed the
+        worker (found as a worker exiting 0.8 s after its post-rebalance seek). There is nothing to verify
+        for such a partition yet: no fetch can be due before it has a position.
+        """
+        consumer = self._consumer
+        subscription = consumer._subscription.subscription if consumer is not None else None
+        assignment = subscription.assignment if subscription is not None else None
+        if assignment is not None:
+            state = assignment.state_value(TopicPartition(tp.topic, tp.partition))
+            if state is not None and not state.has_valid_position:
+                return None
+        super().verify_event_path(now, tp)
+        return None
+
     async def seek_to_committed(self) -> Mapping[TP, int]:
         """Faust's seek of every assigned partition after a rebalance, with the input partitions that
         aiokafka's ``seek_to_committed`` leaves where they are moved too (:func:`seek_to_committed_or_reset`)."""
@@ -134,11 +155,20 @@ async def seek_to_committed_or_reset(
         elif offset == 0:
             consumer.seek(tp, 0)
     if unset:
+        # The offsets are looked up first and then set with a plain seek, never with seek_to_beginning or
+        # seek_to_end: those leave the partition without a position until the fetcher gets round to the
+        # reset (up to a fetch's wait later), and Faust's livelock detector, reading the position from
+        # another thread meanwhile, crashed the worker on aiokafka's assertion.
         strategy = consumer._fetcher._default_reset_strategy
+        starts: dict[TopicPartition, int] = {}
         if strategy == OffsetResetStrategy.EARLIEST:
-            await consumer.seek_to_beginning(*unset)
+            starts = await consumer.beginning_offsets(unset)
         elif strategy == OffsetResetStrategy.LATEST:
-            await consumer.seek_to_end(*unset)
+            starts = await consumer.end_offsets(unset)  # the last stable offset, read_committed
+        assigned = consumer.assignment()
+        for tp, offset in starts.items():
+            if tp in assigned:  # a rebalance may have taken it meanwhile
+                consumer.seek(tp, offset)
     return committed
 
 

@@ -1,7 +1,8 @@
 """Where the worker's consumer is put back after a rebalance, over the real broker: every partition at its
 committed offset, and one without a committed offset at the log start, even when records were fetched (and
 dropped by Faust) meanwhile. aiokafka's own ``seek_to_committed`` leaves a partition without a committed
-offset, or at 0, past those records: a whole input partition went without outcomes that way."""
+offset, or at 0, past those records: a whole input partition went without outcomes that way. And no
+partition is ever left without a position meanwhile (Faust's livelock detector crashed the worker on one)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,16 @@ async def _read(consumer: AIOKafkaConsumer, expected: int, timeout_s: float = 20
     return offsets
 
 
+async def _watch_positions(consumer: AIOKafkaConsumer, task: asyncio.Future[Any]) -> set[TopicPartition]:
+    """The partitions seen without a position (aiokafka's ``has_valid_position``) until ``task`` is done."""
+    missing: set[TopicPartition] = set()
+    assignment = consumer._subscription.subscription.assignment
+    while not task.done():
+        missing.update(tp for tp in assignment.tps if not assignment.state_value(tp).has_valid_position)
+        await asyncio.sleep(0)
+    return missing
+
+
 def test_partitions_without_a_committed_offset_or_at_0_go_back_to_their_start(kafka: Any) -> None:
     topic = f"seek-{uuid.uuid4().hex[:8]}"
     bootstrap = kafka.bootstrap_servers
@@ -78,7 +89,15 @@ def test_partitions_without_a_committed_offset_or_at_0_go_back_to_their_start(ka
         for reset, unset_at in (("earliest", 0), ("latest", PER_PARTITION)):
             consumer = await _fetched_everything(bootstrap, topic, f"g-{uuid.uuid4().hex[:8]}", reset)
             try:
-                committed = await seek_to_committed_or_reset(consumer, frozenset({topic}))
+                # the fetcher long-polls the broker in the background meanwhile (a reset waits for it), while
+                # another task watches every position throughout the seek
+                await asyncio.sleep(0.2)
+                seeking = asyncio.ensure_future(seek_to_committed_or_reset(consumer, frozenset({topic})))
+                without_position = await _watch_positions(consumer, seeking)
+                committed = seeking.result()
+                # Faust's livelock detector reads these positions from another thread at any moment; one that
+                # is missing (a reset pending in the fetcher) crashed the worker on aiokafka's assertion
+                assert without_position == set(), reset
                 assert committed == {tps[0]: None, tps[1]: 0, tps[2]: 4, changelog: None}
                 assert [await consumer.position(tp) for tp in tps] == [unset_at, 0, 4], reset
                 assert await consumer.position(changelog) == PER_PARTITION  # not a topic the group commits

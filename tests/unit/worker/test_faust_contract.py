@@ -145,13 +145,27 @@ def test_the_seek_after_a_rebalance_goes_through_the_glue() -> None:
     assert "seek_to_committed" in vars(faust_aiokafka.AIOKafkaConsumerThread)
     assert "seek_to_committed" in vars(faust_glue.EmotionConsumerThread)
     assert issubclass(faust_glue.EmotionConsumerThread, faust_aiokafka.AIOKafkaConsumerThread)
-    for method in (AIOKafkaConsumer.seek_to_committed, AIOKafkaConsumer.seek_to_beginning,
-                   AIOKafkaConsumer.seek_to_end):  # fmt: skip
+    assert inspect.iscoroutinefunction(AIOKafkaConsumer.seek_to_committed)
+    assert _params(AIOKafkaConsumer.seek_to_committed) == ["self", "partitions"]
+    for method in (AIOKafkaConsumer.beginning_offsets, AIOKafkaConsumer.end_offsets):
         assert inspect.iscoroutinefunction(method)
         assert _params(method) == ["self", "partitions"]
     assert _params(AIOKafkaConsumer.seek) == ["self", "partition", "offset"]
     assert "self._default_reset_strategy = " in inspect.getsource(Fetcher.__init__)
     assert {OffsetResetStrategy.EARLIEST, OffsetResetStrategy.LATEST} <= set(vars(OffsetResetStrategy).values())
+
+
+def test_the_livelock_detector_the_glue_guards() -> None:
+    """Faust's livelock detector reaches the thread's ``verify_event_path``, which reads aiokafka's
+    ``position`` (an assertion when there is none); the glue's thread checks ``has_valid_position`` first."""
+    assert "self.verify_event_path(now, tp)" in inspect.getsource(faust_consumer.Consumer.verify_all_partitions_active)
+    assert "self._thread.verify_event_path(now, tp)" in inspect.getsource(faust_aiokafka.Consumer.verify_event_path)
+    assert "tp_state.position" in inspect.getsource(faust_aiokafka.AIOKafkaConsumerThread.verify_event_path)
+    assert "verify_event_path" in vars(faust_glue.EmotionConsumerThread)
+    assert "assert self._position is not None" in inspect.getsource(TopicPartitionState)
+    assert isinstance(TopicPartitionState.has_valid_position, property)
+    assert _params(Assignment.state_value) == ["self", "tp"]
+    assert "self._subscription = " in inspect.getsource(AIOKafkaConsumer.__init__)
 
 
 def test_the_producer_metadata_the_sink_names_its_topics_in() -> None:
