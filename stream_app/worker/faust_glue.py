@@ -7,7 +7,8 @@ loop time per message than classifying it; so the input topic is taken off that 
 chunk at a time. What this module relies on, and ``tests/unit/worker/test_faust_contract.py`` checks
 against the installed versions so that an upgrade fails loudly instead of silently:
 
-* the aiokafka consumer's cluster metadata (``_client.cluster``) for partition counts;
+* the aiokafka consumer's cluster metadata (``_client.cluster``) for partition counts, and the app's
+  ``consumer_generation_id`` (which assignment a fetched chunk belongs to);
 * ``Consumer.seek``, ``earliest_offsets`` and the consumer thread's ``call_thread`` with aiokafka's
   ``committed`` (a newly assigned partition's start, read from the broker);
 * the consumer thread's ``seek_to_committed`` (what Faust's ``perform_seek`` calls after a rebalance), with
@@ -254,6 +255,12 @@ class EmotionApp(faust.App):
         consumer = self.consumer
         assert isinstance(consumer, EmotionConsumer)
         return consumer
+
+
+def generation(app: faust.App) -> int:
+    """The consumer group generation of the current assignment (Faust's ``consumer_generation_id``, set at
+    every assignment; the chunk handler is given the one its records were fetched in)."""
+    return int(app.consumer_generation_id)
 
 
 def committed_offset(app: faust.App, topic: str, partition: int) -> int | None:

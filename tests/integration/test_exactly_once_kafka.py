@@ -205,6 +205,45 @@ def test_a_paused_zombie_is_fenced_by_the_worker_that_took_its_partitions(
     del other
 
 
+def _wait_log(worker: Any, text: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while text not in worker.log_path.read_text(errors="replace"):
+        assert worker.process.poll() is None, worker.log_tail()
+        assert time.monotonic() < deadline, f"never logged {text!r}:\n{worker.log_tail()}"
+        time.sleep(0.2)
+
+
+def test_a_rebalance_while_a_worker_is_still_loading_takes_each_backlog_input_once(
+    kafka: Any, spawn_worker: Any, data_dir: Path, tmp_path: Path
+) -> None:
+    """A new group on a backlog: the first worker is assigned every partition and fetches a chunk while its
+    model is still loading (here: warming its cache from a phrase file), then a second worker joins. The
+    first keeps some partitions; when it becomes ready, the chunk it fetched before the rebalance and the
+    same records read again after Faust's seek must not both be taken (found by a new user: each record of
+    the kept partitions committed twice, under exactly-once and at-least-once alike)."""
+    topics = make_topics(kafka, partitions=4)
+    produce(kafka.bootstrap_servers, topics.input, _records(data_dir, 800))
+    train = (data_dir / "train.tsv").read_text(encoding="utf-8").splitlines()
+    warm = tmp_path / "warm.txt"  # inferred before the pipeline is ready: a start-up of several seconds
+    warm.write_text("\n".join(line.split("\t", 1)[0] for line in train[:WARM_PHRASES]))
+    slow = spawn_worker(topics, name="slow", EMOTION_STREAM_CACHE__WARM_FILE=str(warm),
+                        **{**EOS_CACHED, "EMOTION_STREAM_CACHE__L2_ENABLED": "false"})  # fmt: skip
+    _wait_log(slow, "Setting newly assigned partitions")
+    time.sleep(1.0)  # its first fetch returns meanwhile, and waits for the pipeline
+    assert "pipeline ready" not in slow.log_path.read_text(errors="replace"), "started too fast to show it"
+    other = spawn_worker(topics, name="other", **EOS)
+    other.wait_ready()
+    slow.wait_ready()
+    _wait_log(slow, "pipeline ready")
+    text = slow.log_path.read_text(errors="replace")
+    before_ready = text[: text.index("pipeline ready")]
+    assert before_ready.count("Setting newly assigned partitions") >= 2, "no rebalance while it was loading"
+    _assert_exactly_once(kafka.bootstrap_servers, topics, workers=[slow, other])
+
+
+WARM_PHRASES = 6000
+
+
 @pytest.fixture
 def own_kafka(cache_dir: Path, tmp_path: Path) -> Iterator[LocalKafka]:
     with local_kafka(cache_dir, tmp_path / "kafka-restart") as broker:

@@ -155,6 +155,19 @@ def test_the_seek_after_a_rebalance_goes_through_the_glue() -> None:
     assert {OffsetResetStrategy.EARLIEST, OffsetResetStrategy.LATEST} <= set(vars(OffsetResetStrategy).values())
 
 
+def test_the_generation_a_chunk_is_checked_against() -> None:
+    """The app's ``consumer_generation_id`` is set at every assignment (before the recovery and its seek),
+    and Faust's own streams drop a message of another generation, as the chunk handler does."""
+    from faust.streams import Stream
+    from faust.types.app import AppT
+
+    assert "app.consumer_generation_id = generation" in inspect.getsource(faust_aiokafka.ConsumerRebalanceListener)
+    assert "message.generation_id != self.app.consumer_generation_id" in inspect.getsource(Stream)
+    assert AppT.consumer_generation_id == 0
+    drain = inspect.getsource(faust_glue.EmotionConsumer._drain_messages)
+    assert "generation = self.app.consumer_generation_id" in drain
+
+
 def test_the_livelock_detector_the_glue_guards() -> None:
     """Faust's livelock detector reaches the thread's ``verify_event_path``, which reads aiokafka's
     ``position`` (an assertion when there is none); the glue's thread checks ``has_valid_position`` first."""
