@@ -381,10 +381,12 @@ class Worker:
         committed = {p: faust_glue.committed_offset(self.app, topic, p) for p in fresh}
         starts: dict[int, int] = {}
         known = True
-        # A first record at Faust's committed offset (or at 0 without one) leaves no gap: the common path
-        # costs no broker round trip (two of them delayed a partition's first message by tens of ms).
-        # Otherwise ask the broker: Faust's value may be stale (exactly-once commits bypass it).
-        suspect = [p for p in fresh if parts[p][0].offset > (committed[p] or 0)]
+        # A first record at Faust's committed offset leaves no gap: the common path costs no broker round
+        # trip (two of them delayed a partition's first message by tens of ms). Otherwise ask the broker:
+        # Faust's value may be stale (exactly-once commits bypass it) or not read yet (a chunk can come
+        # before Faust's post-rebalance seek reads it), and a committed offset beyond the log end, which the
+        # consumer resets to the log start, must be known to be counted and warned about.
+        suspect = [p for p in fresh if (known_c := committed[p]) is None or parts[p][0].offset > known_c]
         if suspect:
             try:
                 read = faust_glue.broker_committed_offsets(self.app, topic, suspect)
