@@ -653,9 +653,15 @@ class Emitter:
             else:
                 await txn.commit(partition, slots[-1].offset + 1 if slots else None)
         except Exception as exc:
-            if lane.dead:  # revoked meanwhile: its producer closed, so the transaction aborted
-                _log.warning("partition %d was revoked during its transaction (%r): aborted, the next owner "
-                             "processes its input again", partition, exc)  # fmt: skip
+            if lane.dead or lane.revoking:
+                # The partition is leaving (or has left): nothing of this transaction is committed, and the
+                # next owner reads its records again from the committed offset. A worker that was paused
+                # past its session fails here once the new owner has fenced its producer; stopping it for
+                # that would only restart it into the same group.
+                lane.dead = True
+                self.on_acked(len(slots))  # their space: they are abandoned, never acknowledged
+                _log.warning("partition %d's transaction failed while the partition was being revoked (%r): "
+                             "aborted; its next owner processes its input again", partition, exc)  # fmt: skip
                 return
             raise InfrastructureError(f"transaction of partition {partition} failed: {exc!r}") from exc
         finally:

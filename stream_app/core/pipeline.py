@@ -181,9 +181,11 @@ class Pipeline:
         again (at-least-once).
         """
         lanes = [self.emitter.lanes[p] for p in partitions if p in self.emitter.lanes]
+        for lane in lanes:
+            lane.revoking = True
         deadline = self.clock() + timeout_s
         self.emitter.request_flush()
-        while any(lane.window for lane in lanes) and self.failed is None:
+        while any(lane.window and not lane.dead for lane in lanes) and self.failed is None:
             remaining = deadline - self.clock()
             if remaining <= 0:
                 break

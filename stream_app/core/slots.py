@@ -120,6 +120,8 @@ class Lane:
         expected_offset: The offset the next delivered record should have (None until known).
         lowest_seen: The lowest offset delivered in this assignment (tells a re-delivery from a reset).
         caught_up_since: Monotonic time since when the lane had nothing in flight (lag in seconds).
+        revoking: The partition is being revoked: its in-flight work may finish, but a transaction that
+            fails now is abandoned to the next owner instead of stopping the worker.
         dead: The partition was revoked; its remaining slots are dropped, never committed.
     """
 
@@ -131,6 +133,7 @@ class Lane:
     expected_offset: int | None = None
     lowest_seen: int | None = None
     caught_up_since: float | None = None
+    revoking: bool = False
     dead: bool = False
 
 

@@ -163,3 +163,28 @@ async def test_a_transaction_outliving_the_revocation_is_aborted_not_fatal() -> 
         assert {} not in txn.docs("metrics")
     finally:
         await p.stop()
+
+
+async def test_a_transaction_failing_while_its_partition_is_revoked_is_abandoned_not_fatal() -> None:
+    """A worker paused past its session resumes into a revocation; its producer, fenced by the new owner,
+    fails the transaction in flight. The partition is leaving: nothing is committed, its next owner reads
+    the records again, and this worker goes on (it had exited 1 with the producer's error)."""
+    txn = FakeTransactions(fail_commit=True, commit_delay_s=0.2)
+    fatal: list[BaseException] = []
+    p = _pipeline(txn, fatal)
+    await p.start()
+    try:
+        await p.feed("in", {0: [Rec(i, raw(i, f"text {i}")) for i in range(3)]})
+        for _ in range(300):
+            if ("commit", 0) in txn.log:
+                break
+            await asyncio.sleep(0.01)
+        assert ("commit", 0) in txn.log  # in flight
+        assert await p.revoke([0], timeout_s=2.0) == {}
+        await asyncio.sleep(0.3)
+        assert not fatal and p.failed is None
+        assert txn.visible == [] and txn.committed == {}
+        assert p.in_flight == 0  # the abandoned records hold no space (backpressure would count them)
+        assert 0 not in p.emitter.lanes
+    finally:
+        await p.stop()
