@@ -66,6 +66,13 @@ class FakeTransactions:
         return [orjson.loads(r.value or b"null") for t, r in self.visible if t == topic]
 
 
+async def _until(condition: Any, timeout_s: float = 3.0) -> None:
+    for _ in range(int(timeout_s / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+
+
 def _pipeline(txn: FakeTransactions, fatal: list[BaseException] | None = None) -> Any:
     p = build(ListSink(), fatal=fatal)
     p.emitter.transactions = txn
@@ -110,10 +117,7 @@ async def test_a_failed_commit_is_fatal_and_nothing_becomes_visible() -> None:
     await p.start()
     try:
         await p.feed("in", {0: [Rec(i, raw(i, f"text {i}")) for i in range(3)]})
-        for _ in range(300):
-            if fatal:
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: fatal)
     finally:
         await p.stop()
     assert fatal and "transaction of partition 0 failed" in str(fatal[0])
@@ -175,10 +179,7 @@ async def test_a_transaction_failing_while_its_partition_is_revoked_is_abandoned
     await p.start()
     try:
         await p.feed("in", {0: [Rec(i, raw(i, f"text {i}")) for i in range(3)]})
-        for _ in range(300):
-            if ("commit", 0) in txn.log:
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: ("commit", 0) in txn.log)
         assert ("commit", 0) in txn.log  # in flight
         assert await p.revoke([0], timeout_s=2.0) == {}
         await asyncio.sleep(0.3)
