@@ -232,7 +232,7 @@ class Worker:
         if s.conversations.enabled:
             app.early_tasks.append(_every(s.conversations.sweep_interval_s, self._conversation_sweep_tick))
         # changelogs end in transaction markers under exactly-once, and also after a switch back from it
-        app.early_tasks.append(_every(1.0, self._recovery_tick))
+        app.early_tasks.append(_every(0.25, self._recovery_tick))
         return app
 
     # ------------------------------------------------------------------ start-up

@@ -30,8 +30,9 @@ against the installed versions so that an upgrade fails loudly instead of silent
 * the assignor's ``_tps_url`` (which worker's ``canonical_url`` holds a table partition);
 * mode's ``Worker._schedule_shutdown`` (signals) for the bounded stop;
 * aiokafka's fetcher looks up ``MemoryRecords`` per fetch response (``tolerant_records``);
-* the recovery service's ``in_recovery``, ``active_highwaters`` and ``active_offsets`` and the table
-  manager's ``changelog_queue`` (recovery over transactional changelogs).
+* the recovery service's ``in_recovery``, ``active_highwaters``, ``active_offsets``, ``need_recovery``,
+  ``flush_buffers``, ``_set_recovery_ended`` and ``signal_recovery_end`` and the table manager's
+  ``changelog_queue`` (recovery over transactional changelogs).
 """
 
 from __future__ import annotations
@@ -323,8 +324,8 @@ def settle_transactional_recovery(app: faust.App, quiet: dict[Any, int]) -> int:
     changelog ends with a commit marker (and may hold aborted records) that no reader ever receives, so
     it would wait forever. Faust handles this only for its own exactly-once mode (``detect_aborted_tx``);
     this does the same for ours: a partition whose changelog queue is drained and whose consumer position
-    reached the end offset, twice in a row (``quiet`` keeps the count between calls), counts as recovered.
-    Returns how many partitions were settled.
+    reached the end offset, twice in a row (``quiet`` keeps the count between calls), counts as recovered;
+    when nothing else remains, the recovery is ended at once. Returns how many partitions were settled.
     """
     recovery: Any = getattr(app.tables, "recovery", None)
     if recovery is None or not recovery.in_recovery or not cast(Any, app.tables).changelog_queue.empty():
@@ -354,6 +355,13 @@ def settle_transactional_recovery(app: faust.App, quiet: dict[Any, int]) -> int:
             recovery.active_offsets[tp] = highwater
             settled += 1
             quiet.pop(tp, None)
+    if settled and recovery.in_recovery and not recovery.need_recovery():
+        # End the recovery now, as Faust's own changelog loop does once nothing remains. That loop would
+        # notice only when its wait for the next changelog record times out (5 s): under exactly-once
+        # every rebalance paused every partition of the group that much longer (found in a rolling restart).
+        recovery.flush_buffers()
+        recovery._set_recovery_ended()
+        recovery.signal_recovery_end.set()
     return settled
 
 

@@ -105,6 +105,11 @@ def test_the_recovery_internals_for_transactional_changelogs() -> None:
     source = inspect.getsource(Recovery)
     for name in ("active_highwaters", "active_offsets", "in_recovery", "detect_aborted_tx"):
         assert name in source, name
+    # what Faust's changelog loop does once nothing remains, and only after its 5 s wait when no record comes
+    for step in ("self.flush_buffers()", "self._set_recovery_ended()", "self.signal_recovery_end.set()",
+                 "not self.need_recovery()", "changelog_queue.get(), timeout=5.0"):  # fmt: skip
+        assert step in source, step
+    assert "await self._wait(self.signal_recovery_end.wait())" in source
     assert "changelog_queue" in inspect.getsource(faust.tables.manager.TableManager)
 
 
