@@ -314,15 +314,15 @@ class Worker:
         if pipeline.failed is not None or self._stopping:
             await asyncio.sleep(0.1)  # stopping: nothing more is taken
             return
-        if generation != faust_glue.generation(self.app):
+        current = faust_glue.generation(self.app)
+        if generation != current:
             # Fetched under an assignment that has ended (it waited for the model meanwhile). Faust's own
             # streams drop such records too (a message of another generation), and seek every partition to
             # its committed offset, so whoever owns them now, this worker too, reads these records again.
             # Taking both copies emitted each record of a kept partition twice, and under exactly-once
             # committed both.
             _log.info("dropping a chunk of partitions %s fetched before the rebalance to generation %s; "
-                      "they are read again from their committed offsets", sorted(parts),
-                      faust_glue.generation(self.app))  # fmt: skip
+                      "they are read again from their committed offsets", sorted(parts), current)  # fmt: skip
             return
         if generation != self._generation:
             self._generation = generation

@@ -89,6 +89,13 @@ STORE_SCHEME = "emotion-rocksdb"
 
 
 # ---------------------------------------------------------------------------------------- consumer
+def _assignment(consumer: AIOKafkaConsumer | None) -> Any:
+    """aiokafka's partition state of ``consumer``'s current assignment (None before one, or without a
+    consumer): ``state_value(tp)`` per partition, ``tps``."""
+    subscription = consumer._subscription.subscription if consumer is not None else None
+    return subscription.assignment if subscription is not None else None
+
+
 class EmotionConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     """Faust's aiokafka consumer thread, reading ``read_committed``: aborted and open transactions are
     never read ahead of their outcome."""
@@ -107,9 +114,7 @@ class EmotionConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         worker (found as a worker exiting 0.8 s after its post-rebalance seek). There is nothing to verify
         for such a partition yet: no fetch can be due before it has a position.
         """
-        consumer = self._consumer
-        subscription = consumer._subscription.subscription if consumer is not None else None
-        assignment = subscription.assignment if subscription is not None else None
+        assignment = _assignment(self._consumer)
         if assignment is not None:
             state = assignment.state_value(TopicPartition(tp.topic, tp.partition))
             if state is not None and not state.has_valid_position:
@@ -331,10 +336,7 @@ def settle_transactional_recovery(app: faust.App, quiet: dict[Any, int]) -> int:
     if recovery is None or not recovery.in_recovery or not cast(Any, app.tables).changelog_queue.empty():
         quiet.clear()
         return 0
-    thread = cast(Any, app.consumer)._thread
-    consumer: Any = getattr(thread, "_consumer", None)
-    subscription = consumer._subscription.subscription if consumer is not None else None
-    assignment = subscription.assignment if subscription is not None else None
+    assignment = _assignment(getattr(cast(Any, app.consumer)._thread, "_consumer", None))
     if assignment is None:
         return 0
     settled = 0
@@ -384,11 +386,8 @@ def lag_positions(app: faust.App, topic: str, partitions: Sequence[int]) -> dict
     The last stable offset is where ``read_committed`` reading ends (past a committed transaction's
     marker), so ``lso - position`` never counts a marker. Values may be None before the first fetch.
     """
-    thread = cast(Any, app.consumer)._thread
-    consumer: Any = getattr(thread, "_consumer", None)
     out: dict[int, tuple[int | None, int | None]] = {}
-    subscription = consumer._subscription.subscription if consumer is not None else None
-    assignment = subscription.assignment if subscription is not None else None
+    assignment = _assignment(getattr(cast(Any, app.consumer)._thread, "_consumer", None))
     if assignment is None:
         return out
     tps = assignment.tps
